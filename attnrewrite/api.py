@@ -1,0 +1,97 @@
+"""`rewrite`: capture a model, canonicalize its attention, substitute a method, report."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+
+from .errors import AttnRewriteError
+from .methods import get_method
+from .passes.canonicalize import canonicalize
+from .passes.graph_utils import has_values
+from .passes.substitute import Policy, substitute
+from .report import Report
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    """`module` is called like the original model; `report` lists every attention site."""
+
+    module: torch.nn.Module
+    report: Report
+
+    def __iter__(self):
+        return iter((self.module, self.report))
+
+
+def rewrite_graph(
+    gm: torch.fx.GraphModule,
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    policy: Policy | None = None,
+) -> Report:
+    """Run canonicalize and substitute on `gm` in place (its nodes must carry fake values)."""
+    attention_method = get_method(method)
+    parsed = attention_method.parse_options(options or {})
+    sites = canonicalize(gm)
+    substitute(gm, sites, attention_method, parsed, policy)
+    return Report(method=method, sites=sites)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """An FX graph of `model` with fake values on every node, called like `model`.
+
+    A GraphModule is copied (parameters shared) and, if needed, fake-propagated; any other module
+    is captured with `torch.export` (non-strict), whose graphs keep module paths for the report.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
+        if not has_values(gm.graph):
+            from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+            FakeTensorProp(gm).propagate(*example_inputs, *(example_kwargs or {}).values())
+        return gm
+    try:
+        exported = torch.export.export(
+            model, tuple(example_inputs), dict(example_kwargs or {}), strict=False
+        )
+    except Exception as error:
+        raise AttnRewriteError(
+            f"torch.export could not capture the model ({type(error).__name__}: {error}). "
+            "Pass a torch.fx.GraphModule (e.g. from torch.fx.symbolic_trace), or compile with "
+            "torch.compile(model, backend='attnrewrite'), which tolerates graph breaks."
+        ) from error
+    return exported.module()
+
+
+def rewrite(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...] = (),
+    *,
+    method: str,
+    example_kwargs: Mapping[str, Any] | None = None,
+    policy: Policy | None = None,
+    **options: Any,
+) -> RewriteResult:
+    """Rewrite every attention site of `model` to `method` and report what was done.
+
+    example_inputs: positional arguments of one representative call (shapes matter: Monarch's
+    default block size is chosen from the run-time length; the report shows it for these shapes).
+    options: the method's hyperparameters, e.g. block_size=16, num_steps=2 for "monarch".
+    policy: a callable site → reason-to-keep or None, e.g. attnrewrite.Select(layers=[0, 2]).
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    get_method(method).parse_options(options)  # fail before an expensive capture
+    gm = capture(model, example_inputs, example_kwargs)
+    report = rewrite_graph(gm, method, options, policy)
+    return RewriteResult(module=gm, report=report)

@@ -1,0 +1,80 @@
+"""What every attention method provides, and how its options are parsed and checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import OptionError
+from ..site import AttentionSite
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """Base for a method's hyperparameters; subclasses add fields and check them in `check`."""
+
+    @classmethod
+    def parse(cls, method: str, options: Mapping[str, Any]) -> MethodOptions:
+        """Build options from user keywords; unknown names are errors that list the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            listing = ", ".join(sorted(valid)) or "none"
+            raise OptionError(
+                f"unknown option(s) {unknown} for method {method!r}; valid options: {listing}"
+            )
+        parsed = cls(**options)
+        parsed.check()
+        return parsed
+
+    def check(self) -> None:
+        """Raise OptionError naming the option and the fix when a value is out of range."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AttentionMethod(ABC):
+    """An attention operator the substitute pass can put in place of a canonical SDPA site."""
+
+    name: ClassVar[str]
+    options_type: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:
+        return self.options_type.parse(self.name, options)
+
+    @abstractmethod
+    def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        """Why this method cannot compute exactly what the site asks for, or None if it can."""
+
+    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+        """The options as they take effect at this site (defaults resolved), for the report."""
+        return options.as_dict()
+
+    @abstractmethod
+    def graph_target(self) -> Any:
+        """The callable the substitute pass puts into the graph."""
+
+    @abstractmethod
+    def graph_arguments(
+        self, site: AttentionSite, options: MethodOptions
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments for `graph_target()`, built from the site's canonical SDPA node arguments."""
+
+    @abstractmethod
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+        options: MethodOptions,
+    ) -> torch.Tensor:
+        """The functional form used by `attnrewrite.attention`; raises on masks it cannot honor."""

@@ -1,0 +1,106 @@
+"""MonarchAttention (Yaras et al., NeurIPS 2025): a zero-shot, Θ(N√N·d) attention substitute."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ...errors import OptionError, UnsupportedInputError
+from ...site import AttentionSite
+from ..base import AttentionMethod, MethodOptions
+from .op import monarch_attention_op
+from .reference import default_block_size, monarch_attention_reference
+
+__all__ = [
+    "MonarchMethod",
+    "MonarchOptions",
+    "default_block_size",
+    "monarch_attention_op",
+    "monarch_attention_reference",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MonarchOptions(MethodOptions):
+    """block_size: b (None: a power of two near √N, chosen from the run-time length);
+    num_steps: T, the number of alternating updates (the paper's T);
+    pad: "post" or "pre", where N is padded up to a multiple of b.
+    """
+
+    block_size: int | None = None
+    num_steps: int = 2
+    pad: str = "post"
+
+    def check(self) -> None:
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int)
+            or isinstance(self.block_size, bool)
+            or self.block_size < 1
+        ):
+            raise OptionError(
+                f"block_size must be a positive int or None (auto ≈ √N), got {self.block_size!r}"
+            )
+        if (
+            not isinstance(self.num_steps, int)
+            or isinstance(self.num_steps, bool)
+            or (self.num_steps < 1)
+        ):
+            raise OptionError(f"num_steps must be an int ≥ 1, got {self.num_steps!r}")
+        if self.pad not in ("post", "pre"):
+            raise OptionError(f"pad must be 'post' or 'pre', got {self.pad!r}")
+
+
+class MonarchMethod(AttentionMethod):
+    name = "monarch"
+    options_type = MonarchOptions
+
+    def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        if site.is_causal or site.mask == "causal":
+            return "causal attention: MonarchAttention has no causal variant yet"
+        if site.dropout_p:
+            return f"attention dropout p={site.dropout_p} is active; MonarchAttention has none"
+        if site.q_len != site.k_len:
+            return (
+                f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): Monarch blocks queries "
+                "and keys alike and needs Nq = Nk"
+            )
+        return None
+
+    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+        resolved = options.as_dict()
+        if resolved["block_size"] is None and site.q_len is not None:
+            resolved["block_size"] = default_block_size(site.q_len)
+        return resolved
+
+    def graph_target(self) -> Any:
+        return torch.ops.attnrewrite.monarch_attention.default
+
+    def graph_arguments(
+        self, site: AttentionSite, options: MethodOptions
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sdpa = site.sdpa
+        assert sdpa is not None
+        kwargs = dict(
+            attn_mask=sdpa.attn_mask,
+            scale=sdpa.scale,
+            **options.as_dict(),
+            enable_gqa=sdpa.enable_gqa,
+            fallback=True,
+        )
+        return (sdpa.query, sdpa.key, sdpa.value), kwargs
+
+    def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
+        if is_causal:
+            raise UnsupportedInputError(
+                "MonarchAttention has no causal variant yet; use method='sdpa' for causal attention"
+            )
+        if q.shape[-2] != k.shape[-2]:
+            raise UnsupportedInputError(
+                f"MonarchAttention needs as many queries as keys (got {q.shape[-2]} and "
+                f"{k.shape[-2]}); use method='sdpa' for cross-attention"
+            )
+        return monarch_attention_op(
+            q, k, v, attn_mask, scale, **options.as_dict(), enable_gqa=enable_gqa, fallback=False
+        )

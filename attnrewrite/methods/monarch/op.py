@@ -1,0 +1,174 @@
+"""`attnrewrite::monarch_attention`: the custom op the rewritten graphs call.
+
+A `torch.library.custom_op` keeps compiled graphs whole (no graph break), gives `torch.export` and
+the ONNX exporter one named node per site, and carries a recompute-based backward so a rewritten
+model can be fine-tuned.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import UnsupportedInputError
+from .reference import monarch_attention_reference
+
+_FALLBACK_WARNED = False
+
+
+def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention, as SDPA's enable_gqa does."""
+    if not enable_gqa or x.dim() < 3 or x.shape[-3] == q.shape[-3]:
+        return x
+    return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
+
+
+def key_mask_terms(
+    attn_mask: torch.Tensor, batch: tuple[int, ...], n: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(key_bias, query_weight), each (*batch, n), from an SDPA mask that only depends on the key.
+
+    A bool mask (True = attend) becomes a 0/−inf bias; a float mask is the bias itself. Keys whose
+    mask is False, −inf or at most the mask dtype's finfo.min (the value Hugging Face uses) count
+    as masked for the query weights. A mask with a query axis is accepted when all its rows are
+    equal (as Hugging Face's expanded padding masks are); None when they are not.
+    """
+    if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
+        first_row = attn_mask[..., :1, :]
+        if not torch.equal(attn_mask, first_row.expand_as(attn_mask)):
+            return None
+        attn_mask = first_row
+    attn_mask = attn_mask.broadcast_to(*batch, 1, n).squeeze(-2)
+    if attn_mask.dtype == torch.bool:
+        key_bias = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+        masked = ~attn_mask
+    else:
+        key_bias = attn_mask.float()
+        masked = attn_mask <= torch.finfo(attn_mask.dtype).min
+    return key_bias, (~masked).float()
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    block_size: int | None,
+    num_steps: int,
+    pad: str,
+    enable_gqa: bool,
+    fallback: bool,
+) -> torch.Tensor:
+    k = _expand_gqa(q, k, enable_gqa)
+    v = _expand_gqa(q, v, enable_gqa)
+    key_bias = query_weight = None
+    if attn_mask is not None:
+        terms = key_mask_terms(attn_mask, tuple(q.shape[:-2]), q.shape[-2])
+        if terms is None:
+            if not fallback:
+                raise UnsupportedInputError(
+                    "MonarchAttention honors key-padding masks only (a mask whose rows are all "
+                    "equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
+                    "Use method='sdpa' for it, or pass a key-padding mask."
+                )
+            _warn_fallback()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        key_bias, query_weight = terms
+    return monarch_attention_reference(
+        q,
+        k,
+        v,
+        key_bias,
+        query_weight,
+        scale=scale,
+        block_size=block_size,
+        num_steps=num_steps,
+        pad=pad,
+    )
+
+
+def _warn_fallback() -> None:
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(
+            "attnrewrite: a Monarch site received a mask that differs between queries (not a "
+            "key-padding mask); it ran exact attention instead. This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+@torch.library.custom_op("attnrewrite::monarch_attention", mutates_args=())
+def monarch_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_size: int | None = None,
+    num_steps: int = 2,
+    pad: str = "post",
+    enable_gqa: bool = False,
+    fallback: bool = False,
+) -> torch.Tensor:
+    """MonarchAttention with SDPA's argument conventions (see `attnrewrite.attention`)."""
+    return _forward(q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback)
+
+
+@monarch_attention_op.register_fake
+def _(q, k, v, attn_mask=None, scale=None, block_size=None, num_steps=2, pad="post",
+      enable_gqa=False, fallback=False):  # fmt: skip
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("attnrewrite::monarch_attention_backward", mutates_args=())
+def monarch_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    block_size: int | None,
+    num_steps: int,
+    pad: str,
+    enable_gqa: bool,
+    fallback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for q, k, v by recomputing the forward with autograd (memory grows with b)."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _forward(*leaves, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback)
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return tuple(
+        torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)
+    )
+
+
+@monarch_attention_backward_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, *options = inputs
+    ctx.has_mask = attn_mask is not None
+    ctx.save_for_backward(q, k, v, *([attn_mask] if ctx.has_mask else []))
+    ctx.options = tuple(options)
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    q, k, v = saved[:3]
+    attn_mask = saved[3] if ctx.has_mask else None
+    dq, dk, dv = monarch_attention_backward_op(grad_out, q, k, v, attn_mask, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+monarch_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,122 @@
+"""MonarchAttention in plain PyTorch: the executable spec (Yaras et al., arXiv 2505.18698).
+
+Notation follows the paper and ../shared/design.md §5.1. Token n = l·b + j lives in block l, slot j.
+The attention matrix is restricted to Monarch form A[(l,j),(k,i)] = L[j,k,l] · R[k,j,i], with L a
+softmax over key blocks k and R a softmax over key slots i. MonarchAttention maximizes
+⟨A, s·QKᵀ + β⟩ + H(A) over such A by exact alternating updates, never materializing A:
+
+  R-update: aR[k,j] = Σ_l ω_(l,j) L[j,k,l] q_(l,j),  cR[k,j] = Σ_l ω_(l,j) L[j,k,l],
+            R[k,j,:] = softmax_i(s · aR[k,j]·k_(k,i) / cR[k,j] + β_(k,i))
+  L-update: aL[j,k] = Σ_i R[k,j,i] k_(k,i),  cL[j,k] = Σ_i R[k,j,i] (log R[k,j,i] − β_(k,i)),
+            L[j,:,l] = softmax_k(s · q_(l,j)·aL[j,k] − cL[j,k])
+  output:   y[j,k] = Σ_i R[k,j,i] v_(k,i),   z_(l,j) = Σ_k L[j,k,l] y[j,k]
+
+β is an additive per-key bias (0 when there is no mask, −inf for masked or padded keys); the
+paper's mask-free updates are the special case β = 0. With a bias the derivation is unchanged:
+the linear term Σ L R β splits into a per-key term for R and Σ_i R β for L. ω is 1 for real,
+unmasked query positions and 0 for padding and masked positions, so those drop out of the
+R-update (their outputs are still computed). A key block with no valid key gets R = 0 and zero
+L weight, so every output is finite. b = N and b = 1 are exact softmax attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def default_block_size(seq_len: int) -> int:
+    """A power of two near √N, which balances the b² and M² terms of the cost."""
+    if seq_len <= 1:
+        return 1
+    return 2 ** round(math.log2(math.sqrt(seq_len)))
+
+
+def _softmax_and_lse(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax and log-sum-exp along `dim`; an all −inf slice gives zeros and an lse of 0."""
+    lse = torch.logsumexp(logits, dim=dim, keepdim=True)
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(logits - lse), lse
+
+
+def monarch_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    block_size: int | None = None,
+    num_steps: int = 2,
+    pad: str = "post",
+) -> torch.Tensor:
+    """MonarchAttention of q, k (..., N, d) and v (..., N, dv); statistics in fp32.
+
+    key_bias: (..., N) additive per-key bias, −inf for masked keys (None: no mask).
+    query_weight: (..., N) with 1 for queries that take part in the R-update (None: all).
+    pad: "post" pads N up to a multiple of b at the end, "pre" at the front.
+    """
+    *batch, n, d = q.shape
+    dv = v.shape[-1]
+    out_dtype = q.dtype
+    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    b = block_size if block_size is not None else default_block_size(n)
+    m = max(1, math.ceil(n / b))
+    n_pad = m * b - n
+    groups = math.prod(batch)
+
+    def flat(x: torch.Tensor, width: int) -> torch.Tensor:
+        return x.reshape(groups, n, width).float()
+
+    qf, kf, vf = flat(q, d), flat(k, d), flat(v, dv)
+    beta = (
+        torch.zeros(groups, n, device=q.device)
+        if key_bias is None
+        else key_bias.reshape(groups, n).float()
+    )
+    omega = (
+        torch.ones(groups, n, device=q.device)
+        if query_weight is None
+        else query_weight.reshape(groups, n).float()
+    )
+    if n_pad:
+        front = n_pad if pad == "pre" else 0
+        back = n_pad - front
+        qf, kf, vf = (F.pad(x, (0, 0, front, back)) for x in (qf, kf, vf))
+        beta = F.pad(beta, (front, back), value=-math.inf)
+        omega = F.pad(omega, (front, back), value=0.0)
+
+    # Blocked views: [g, block, slot, feature]. Queries are indexed (l, j), keys (k, i).
+    qb = qf.view(groups, m, b, d)
+    kb = kf.view(groups, m, b, d)
+    vb = vf.view(groups, m, b, dv)
+    beta_b = beta.view(groups, m, b)
+    omega_jl = omega.view(groups, m, b).transpose(1, 2)  # [g, j, l]
+    empty_block = torch.isneginf(beta_b).all(dim=-1)  # [g, k]
+
+    # L[g, j, k, l], initialized to [k = l]: the first R-update is softmax inside each block.
+    eye = torch.eye(m, device=q.device)
+    big_l = eye.expand(groups, b, m, m)
+    for _ in range(num_steps):
+        # R-update.
+        weighted_l = big_l * omega_jl[:, :, None, :]
+        a_r = torch.einsum("gjkl,gljd->gkjd", weighted_l, qb)
+        c_r = weighted_l.sum(dim=-1).transpose(1, 2)  # [g, k, j]
+        z_r = s * torch.einsum("gkjd,gkid->gkji", a_r, kb)
+        z_r = z_r / c_r.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        big_r, lse_r = _softmax_and_lse(z_r + beta_b[:, :, None, :], dim=-1)
+        # L-update. Σ_i R (log R − β) = Σ_i R (z_R − lse); terms with R = 0 vanish.
+        a_l = torch.einsum("gkji,gkid->gjkd", big_r, kb)
+        c_l = torch.where(big_r > 0, big_r * (z_r - lse_r), 0.0).sum(dim=-1).transpose(1, 2)
+        logits_l = s * torch.einsum("gljd,gjkd->gjkl", qb, a_l) - c_l[..., None]
+        logits_l = logits_l.masked_fill(empty_block[:, None, :, None], -math.inf)
+        big_l, _ = _softmax_and_lse(logits_l, dim=2)
+
+    y = torch.einsum("gkji,gkid->gjkd", big_r, vb)
+    z = torch.einsum("gjkl,gjkd->gljd", big_l, y).reshape(groups, m * b, dv)
+    if n_pad:
+        z = z[:, n_pad:] if pad == "pre" else z[:, :n]
+    return z.reshape(*batch, n, dv).to(out_dtype)

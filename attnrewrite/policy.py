@@ -1,0 +1,39 @@
+"""Policies: which attention sites a rewrite replaces. A policy maps a site to a reason to keep it
+(a string) or None to replace it."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+
+from .errors import OptionError
+from .site import AttentionSite
+
+
+@dataclasses.dataclass(frozen=True)
+class Select:
+    """Replace only the sites that match every given criterion.
+
+    layers: layer indices (the first integer in the module path, e.g. encoder.layer.3 → 3);
+    names: glob patterns on the module path; min_seq_len: shortest query length worth replacing.
+    """
+
+    layers: Sequence[int] | None = None
+    names: Sequence[str] | None = None
+    min_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.names, str):
+            raise OptionError("Select(names=...) takes a list of glob patterns, not one string")
+        if self.min_seq_len is not None and self.min_seq_len < 0:
+            raise OptionError(f"min_seq_len must be ≥ 0, got {self.min_seq_len}")
+
+    def __call__(self, site: AttentionSite) -> str | None:
+        if self.layers is not None and site.layer not in set(self.layers):
+            return f"policy: layer {site.layer} is not in the selected layers {list(self.layers)}"
+        if self.names is not None and not any(fnmatch.fnmatch(site.name, p) for p in self.names):
+            return f"policy: {site.name!r} matches none of {list(self.names)}"
+        if self.min_seq_len is not None and (site.q_len or 0) < self.min_seq_len:
+            return f"policy: sequence length {site.q_len} < min_seq_len {self.min_seq_len}"
+        return None

@@ -1,0 +1,75 @@
+"""One attention site: where it is, what it computes, and what was done with it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch.fx
+
+MaskKind = Literal["none", "key", "full", "causal"]
+Status = Literal["found", "replaced", "kept"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SDPAArgs:
+    """The arguments of a canonical `scaled_dot_product_attention` node."""
+
+    query: torch.fx.Node
+    key: torch.fx.Node
+    value: torch.fx.Node
+    attn_mask: torch.fx.Node | None = None
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """A place in a graph where softmax attention was found (or a look-alike was examined).
+
+    `status` is "replaced" when the site now runs `method`, "kept" when it was left as it was
+    (`reason` says why), and "found" between the canonicalize and substitute passes.
+    """
+
+    name: str
+    node: str
+    layer: int | None
+    spelling: str
+    status: Status = "found"
+    reason: str = ""
+    method: str | None = None
+    q_shape: tuple[int, ...] | None = None
+    k_shape: tuple[int, ...] | None = None
+    v_shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    mask: MaskKind = "none"
+    mask_shape: tuple[int, ...] | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    dropout_p: float = 0.0
+    enable_gqa: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sdpa: SDPAArgs | None = dataclasses.field(default=None, repr=False, compare=False)
+    sdpa_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def q_len(self) -> int | None:
+        return self.q_shape[-2] if self.q_shape else None
+
+    @property
+    def k_len(self) -> int | None:
+        return self.k_shape[-2] if self.k_shape else None
+
+    def keep(self, reason: str) -> None:
+        self.status = "kept"
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: graph handles are left out."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("sdpa", "sdpa_node")
+        }

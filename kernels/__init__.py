@@ -1,0 +1,1 @@
+"""Triton kernels, one module per method. Installed as `attnrewrite.kernels`."""

@@ -1,0 +1,86 @@
+"""FX graph utilities shared by the passes: node values, shapes, fake-tensor metadata, names."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+# Keys under which graph producers store a node's (fake) value: torch.export and FakeTensorProp
+# use "val", Dynamo uses "example_value".
+_VALUE_KEYS = ("val", "example_value")
+
+
+def node_value(x: Any) -> Any:
+    """The (fake) value of a node, or `x` itself for constants."""
+    if not isinstance(x, torch.fx.Node):
+        return x
+    for key in _VALUE_KEYS:
+        if key in x.meta:
+            return x.meta[key]
+    return None
+
+
+def tensor_meta(x: Any) -> torch.Tensor | None:
+    value = node_value(x)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape_of(x: Any) -> tuple[int, ...] | None:
+    value = tensor_meta(x)
+    return None if value is None else tuple(value.shape)
+
+
+def value_key(graph: torch.fx.Graph) -> str:
+    """The metadata key this graph's producer uses for node values."""
+    for node in graph.nodes:
+        for key in _VALUE_KEYS:
+            if key in node.meta:
+                return key
+    return "val"
+
+
+def has_values(graph: torch.fx.Graph) -> bool:
+    return all(node_value(node) is not None for node in graph.nodes if node.op == "placeholder")
+
+
+def infer_value(node: torch.fx.Node, key: str) -> None:
+    """Compute a new node's fake value from its inputs' values, as the graph's producer would."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
+    fakes = [
+        a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+    ]
+    fake_mode = detect_fake_mode(fakes)
+    if fake_mode is None:
+        node.meta[key] = node.target(*args, **kwargs)
+        return
+    with fake_mode:
+        node.meta[key] = node.target(*args, **kwargs)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted module path a node was traced in (e.g. "encoder.layer.0.attention.self")."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return normalize_module_path(path)
+
+
+def normalize_module_path(path: str) -> str:
+    """Dynamo spells paths as L['self'].encoder.layer[0]; export as encoder.layer.0."""
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def layer_index(path: str) -> int | None:
+    """The first integer component of a module path: the layer of a transformer stack."""
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
