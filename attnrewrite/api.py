@@ -56,9 +56,11 @@ def capture(
     if isinstance(model, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
         if not has_values(gm.graph):
+            from torch._subclasses.fake_tensor import FakeTensorMode
             from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-            FakeTensorProp(gm).propagate(*example_inputs, *(example_kwargs or {}).values())
+            mode = FakeTensorMode(allow_non_fake_inputs=True)  # buffers stay real tensors
+            FakeTensorProp(gm, mode).propagate(*example_inputs, *(example_kwargs or {}).values())
         return gm
     try:
         exported = torch.export.export(

@@ -26,7 +26,7 @@ def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Ten
 
 
 def key_mask_terms(
-    attn_mask: torch.Tensor, batch: tuple[int, ...], n: int
+    attn_mask: torch.Tensor, batch: tuple[int, ...], n: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(key_bias, query_weight), each (*batch, n), from an SDPA mask that only depends on the key.
 
@@ -42,14 +42,14 @@ def key_mask_terms(
         attn_mask = first_row
     attn_mask = attn_mask.broadcast_to(*batch, 1, n).squeeze(-2)
     if attn_mask.dtype == torch.bool:
-        key_bias = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(
+        key_bias = torch.zeros(attn_mask.shape, device=attn_mask.device, dtype=dtype).masked_fill(
             ~attn_mask, float("-inf")
         )
         masked = ~attn_mask
     else:
-        key_bias = attn_mask.float()
+        key_bias = attn_mask.to(dtype)
         masked = attn_mask <= torch.finfo(attn_mask.dtype).min
-    return key_bias, (~masked).float()
+    return key_bias, (~masked).to(dtype)
 
 
 def _forward(
@@ -68,7 +68,8 @@ def _forward(
     v = _expand_gqa(q, v, enable_gqa)
     key_bias = query_weight = None
     if attn_mask is not None:
-        terms = key_mask_terms(attn_mask, tuple(q.shape[:-2]), q.shape[-2])
+        stats = torch.promote_types(q.dtype, torch.float32)
+        terms = key_mask_terms(attn_mask, tuple(q.shape[:-2]), q.shape[-2], stats)
         if terms is None:
             if not fallback:
                 raise UnsupportedInputError(
@@ -127,35 +128,6 @@ def _(q, k, v, attn_mask=None, scale=None, block_size=None, num_steps=2, pad="po
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-@torch.library.custom_op("attnrewrite::monarch_attention_backward", mutates_args=())
-def monarch_attention_backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-    block_size: int | None,
-    num_steps: int,
-    pad: str,
-    enable_gqa: bool,
-    fallback: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for q, k, v by recomputing the forward with autograd (memory grows with b)."""
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = _forward(*leaves, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback)
-        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return tuple(
-        torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)
-    )
-
-
-@monarch_attention_backward_op.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, *options = inputs
     ctx.has_mask = attn_mask is not None
@@ -164,10 +136,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """Gradients for q, k, v by recomputing the reference forward under autograd.
+
+    Memory grows with b (the reference keeps its b×b and M×M tiles for the backward pass).
+    """
     saved = ctx.saved_tensors
-    q, k, v = saved[:3]
     attn_mask = saved[3] if ctx.has_mask else None
-    dq, dk, dv = monarch_attention_backward_op(grad_out, q, k, v, attn_mask, *ctx.options)
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in saved[:3]]
+        out = _forward(*leaves, attn_mask, *ctx.options)
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -31,7 +31,7 @@ def default_block_size(seq_len: int) -> int:
     """A power of two near √N, which balances the b² and M² terms of the cost."""
     if seq_len <= 1:
         return 1
-    return 2 ** round(math.log2(math.sqrt(seq_len)))
+    return 2 ** int(math.log2(seq_len) / 2 + 0.5)
 
 
 def _softmax_and_lse(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,20 +67,21 @@ def monarch_attention_reference(
     m = max(1, math.ceil(n / b))
     n_pad = m * b - n
     groups = math.prod(batch)
+    stats = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics for fp16/bf16
 
     def flat(x: torch.Tensor, width: int) -> torch.Tensor:
-        return x.reshape(groups, n, width).float()
+        return x.reshape(groups, n, width).to(stats)
 
     qf, kf, vf = flat(q, d), flat(k, d), flat(v, dv)
     beta = (
-        torch.zeros(groups, n, device=q.device)
+        torch.zeros(groups, n, device=q.device, dtype=stats)
         if key_bias is None
-        else key_bias.reshape(groups, n).float()
+        else key_bias.reshape(groups, n).to(stats)
     )
     omega = (
-        torch.ones(groups, n, device=q.device)
+        torch.ones(groups, n, device=q.device, dtype=stats)
         if query_weight is None
-        else query_weight.reshape(groups, n).float()
+        else query_weight.reshape(groups, n).to(stats)
     )
     if n_pad:
         front = n_pad if pad == "pre" else 0
@@ -98,7 +99,7 @@ def monarch_attention_reference(
     empty_block = torch.isneginf(beta_b).all(dim=-1)  # [g, k]
 
     # L[g, j, k, l], initialized to [k = l]: the first R-update is softmax inside each block.
-    eye = torch.eye(m, device=q.device)
+    eye = torch.eye(m, device=q.device, dtype=stats)
     big_l = eye.expand(groups, b, m, m)
     for _ in range(num_steps):
         # R-update.
@@ -106,7 +107,7 @@ def monarch_attention_reference(
         a_r = torch.einsum("gjkl,gljd->gkjd", weighted_l, qb)
         c_r = weighted_l.sum(dim=-1).transpose(1, 2)  # [g, k, j]
         z_r = s * torch.einsum("gkjd,gkid->gkji", a_r, kb)
-        z_r = z_r / c_r.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        z_r = z_r / c_r.clamp_min(torch.finfo(stats).tiny)[..., None]
         big_r, lse_r = _softmax_and_lse(z_r + beta_b[:, :, None, :], dim=-1)
         # L-update. Σ_i R (log R − β) = Σ_i R (z_R − lse); terms with R = 0 vanish.
         a_l = torch.einsum("gkji,gkid->gjkd", big_r, kb)
@@ -119,4 +120,4 @@ def monarch_attention_reference(
     z = torch.einsum("gjkl,gjkd->gljd", big_l, y).reshape(groups, m * b, dv)
     if n_pad:
         z = z[:, n_pad:] if pad == "pre" else z[:, :n]
-    return z.reshape(*batch, n, dv).to(out_dtype)
+    return z.reshape(*batch, n, dv).to(out_dtype).contiguous()

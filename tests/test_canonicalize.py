@@ -1,0 +1,190 @@
+"""The canonicalize pass: attention spelled many ways becomes one SDPA node with the same output;
+look-alikes are kept bit-identical, with a reason."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attnrewrite.passes import spellings
+from torch import nn
+
+import attnrewrite
+
+B, H, N, D = 2, 3, 10, 8
+
+
+class Spelled(nn.Module):
+    """Wraps a function of (q, k, v, mask) so it can be exported, traced and compiled."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("temperature", torch.tensor(math.sqrt(D)))
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, q, k, v, mask):
+        return self.fn(self, q, k, v, mask)
+
+
+def inputs():
+    q, k, v = torch.randn(B, H, N, D), torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+    keep = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    keep[1, ..., 7:] = False
+    return q, k, v, keep
+
+
+def additive(keep):
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+ATTENTION = {
+    "matmul_div_sqrt_F_softmax": lambda m, q, k, v, keep: (
+        F.softmax(torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(D), dim=-1) @ v
+    ),
+    "at_mul_torch_softmax": lambda m, q, k, v, keep: (
+        torch.softmax((q @ k.transpose(-1, -2)) * D**-0.5, dim=3) @ v
+    ),
+    "bmm_3d_method_softmax": lambda m, q, k, v, keep: torch.bmm(
+        torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).softmax(-1), v.flatten(0, 1)
+    ),
+    "no_scale": lambda m, q, k, v, keep: torch.matmul(
+        torch.matmul(q, k.transpose(2, 3)).softmax(dim=-1), v
+    ),
+    "additive_mask": lambda m, q, k, v, keep: (
+        torch.softmax(q @ k.transpose(-2, -1) / 3.0 + additive(keep), -1) @ v
+    ),
+    "masked_fill_neg_inf": lambda m, q, k, v, keep: (
+        (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    ),
+    "masked_fill_finfo_min": lambda m, q, k, v, keep: (
+        (q @ k.transpose(-2, -1) * 0.3)
+        .masked_fill(~keep, torch.finfo(torch.float32).min)
+        .softmax(-1)
+        @ v
+    ),
+    "where_keep_scores": lambda m, q, k, v, keep: (
+        torch.where(keep, q @ k.transpose(-2, -1), float("-inf")).softmax(-1) @ v
+    ),
+    "upcast_softmax_cast_back": lambda m, q, k, v, keep: (
+        F.softmax((q @ k.transpose(-2, -1)).float(), dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    ),
+    "dropout_eval_functional_and_module": lambda m, q, k, v, keep: (
+        m.dropout(F.dropout(F.softmax(q @ k.transpose(-2, -1), -1), 0.1, training=False)) @ v
+    ),
+    "scale_on_query_before_product": lambda m, q, k, v, keep: (
+        ((q * D**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+    ),
+    "tensor_temperature": lambda m, q, k, v, keep: (
+        (q @ k.transpose(-2, -1) / m.temperature).softmax(-1) @ v
+    ),
+    "scale_after_mask": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1) + additive(keep)) * 0.25).softmax(-1) @ v
+    ),
+    "existing_sdpa": lambda m, q, k, v, keep: F.scaled_dot_product_attention(q, k, v, keep),
+}
+
+LOOK_ALIKES = {
+    "softmax_over_queries": (
+        lambda m, q, k, v, keep: (q @ k.transpose(-2, -1)).softmax(-2) @ v,
+        "not the key dim",
+    ),
+    "probabilities_returned": (
+        lambda m, q, k, v, keep: (lambda p: (p @ v, p))((q @ k.transpose(-2, -1)).softmax(-1)),
+        "users",
+    ),
+    "probabilities_squared": (
+        lambda m, q, k, v, keep: ((q @ k.transpose(-2, -1)).softmax(-1) ** 2) @ v,
+        "not a product with values",
+    ),
+    "probabilities_renormalized": (
+        lambda m, q, k, v, keep: (lambda p: (p / p.sum(-1, keepdim=True)) @ v)(
+            (q @ k.transpose(-2, -1)).softmax(-1)
+        ),
+        "users",
+    ),
+    "values_on_the_left": (
+        lambda m, q, k, v, keep: v.transpose(-2, -1) @ (q @ k.transpose(-2, -1)).softmax(-1),
+        "right operand",
+    ),
+    "classifier_softmax": (lambda m, q, k, v, keep: (q.mean(-1)).softmax(-1), "not a product"),
+    "scores_used_elsewhere": (
+        lambda m, q, k, v, keep: (lambda s: (s.softmax(-1) @ v, s.mean()))(q @ k.transpose(-2, -1)),
+        "outside the attention region",
+    ),
+    "per_query_key_scale": (
+        lambda m, q, k, v, keep: (
+            ((q @ k.transpose(-2, -1)) * torch.linspace(0.5, 1.5, N * N).view(N, N)).softmax(-1) @ v
+        ),
+        "cannot be folded",
+    ),
+    "inexact_masked_fill": (
+        lambda m, q, k, v, keep: (q @ k.transpose(-2, -1)).masked_fill(~keep, -1e4).softmax(-1) @ v,
+        "not an exact mask",
+    ),
+}
+
+
+def run(module, args):
+    with torch.no_grad():
+        return module(*args)
+
+
+def count(gm, spelling):
+    return sum(spelling.matches(n) for n in gm.graph.nodes)
+
+
+def captures(module, args):
+    """The two script front doors: torch.export (ATen graph) and symbolic_trace (torch graph)."""
+    yield "export", module
+    yield "symbolic_trace", torch.fx.symbolic_trace(module)
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_spellings_become_one_sdpa_node(name):
+    module = Spelled(ATTENTION[name]).eval()
+    args = inputs()
+    expected = run(module, args)
+    for how, model in captures(module, args):
+        res = attnrewrite.rewrite(model, args, method="sdpa")
+        assert [s.status for s in res.report.sites] == ["replaced"], (how, res.report)
+        assert count(res.module, spellings.SOFTMAX) == 0, how
+        assert count(res.module, spellings.SDPA) == 1, how
+        torch.testing.assert_close(run(res.module, args), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", LOOK_ALIKES)
+def test_look_alikes_are_kept_bit_identical_with_a_reason(name):
+    fn, reason = LOOK_ALIKES[name]
+    module = Spelled(fn).eval()
+    args = inputs()
+    for how, model in captures(module, args):
+        expected = run(model, args)
+        res = attnrewrite.rewrite(model, args, method="monarch", block_size=4)
+        assert [s.status for s in res.report.sites] == ["kept"], (how, res.report)
+        assert reason in res.report.sites[0].reason, (how, res.report.sites[0].reason)
+        got = run(res.module, args)
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(got),
+            torch.utils._pytree.tree_leaves(expected),
+            strict=True,
+        ):
+            assert torch.equal(a, b), how
+
+
+def test_active_dropout_keeps_the_site():
+    module = Spelled(ATTENTION["dropout_eval_functional_and_module"]).train()
+    traced = torch.fx.symbolic_trace(module)
+    res = attnrewrite.rewrite(traced, inputs(), method="sdpa")
+    assert res.report.sites[0].status == "kept"
+    assert "dropout p=0.1 is active" in res.report.sites[0].reason
+
+
+def test_graph_without_attention_is_left_as_it_is():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+    traced = torch.fx.symbolic_trace(model)
+    res = attnrewrite.rewrite(traced, (torch.randn(3, 8),), method="monarch")
+    assert res.report.sites == []
+    assert res.module.code == traced.code
