@@ -14,6 +14,7 @@ from torch import nn
 import attnrewrite
 
 B, H, N, D = 2, 3, 10, 8
+FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 class Spelled(nn.Module):
@@ -37,7 +38,7 @@ def inputs():
 
 
 def additive(keep):
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    return torch.zeros(keep.shape).masked_fill(~keep, FLOAT32_MIN)
 
 
 ATTENTION = {
@@ -60,10 +61,7 @@ ATTENTION = {
         (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
     ),
     "masked_fill_finfo_min": lambda m, q, k, v, keep: (
-        (q @ k.transpose(-2, -1) * 0.3)
-        .masked_fill(~keep, torch.finfo(torch.float32).min)
-        .softmax(-1)
-        @ v
+        (q @ k.transpose(-2, -1) * 0.3).masked_fill(~keep, FLOAT32_MIN).softmax(-1) @ v
     ),
     "where_keep_scores": lambda m, q, k, v, keep: (
         torch.where(keep, q @ k.transpose(-2, -1), float("-inf")).softmax(-1) @ v

@@ -32,7 +32,7 @@ def monarch_loop(q, k, v, bias, valid, *, scale, b, steps, pad):
     n_pad = m * b - n
     front = n_pad if pad == "pre" else 0
     # position (block, slot) → original token index or None for padding
-    origin = [[(l * b + j - front) for j in range(b)] for l in range(m)]
+    origin = [[(blk * b + j - front) for j in range(b)] for blk in range(m)]
     origin = [[t if 0 <= t < n else None for t in row] for row in origin]
     zeros_d, zeros_v = (
         torch.zeros(q.shape[1], dtype=q.dtype),
