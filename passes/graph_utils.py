@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
 # Keys under which graph producers store a node's (fake) value: torch.export and FakeTensorProp
 # use "val", Dynamo uses "example_value".
@@ -50,10 +50,9 @@ def has_values(graph: torch.fx.Graph) -> bool:
 def infer_value(node: torch.fx.Node, key: str) -> None:
     """Compute a new node's fake value from its inputs' values, as the graph's producer would."""
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), node_value)
-    fakes = [
-        a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
-    ]
-    fake_mode = detect_fake_mode(fakes)
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    # The inputs' own fake mode: inside a Dynamo backend the tracing context holds another one.
+    fake_mode = next((a.fake_mode for a in leaves if isinstance(a, FakeTensor)), None)
     if fake_mode is None:
         node.meta[key] = node.target(*args, **kwargs)
         return

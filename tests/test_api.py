@@ -1,0 +1,125 @@
+"""The functional op and the script API: errors that name the fix, reports, policies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnrewrite
+
+
+def qkv(n=16, heads=2):
+    return (torch.randn(1, heads, n, 8) for _ in range(3))
+
+
+def test_sdpa_method_is_exact_attention():
+    q, k, v = qkv()
+    mask = torch.rand(1, 1, 16, 16) > 0.3
+    mask[..., 0] = True
+    for kwargs in ({}, {"attn_mask": mask}, {"is_causal": True}, {"scale": 0.3}):
+        torch.testing.assert_close(
+            attnrewrite.attention(q, k, v, **kwargs),
+            F.scaled_dot_product_attention(q, k, v, **kwargs),
+        )
+
+
+def test_unknown_method_and_options_list_the_valid_ones():
+    q, k, v = qkv()
+    with pytest.raises(attnrewrite.OptionError, match="valid methods: monarch, sdpa"):
+        attnrewrite.attention(q, k, v, method="linformer")
+    with pytest.raises(attnrewrite.OptionError, match="valid options: block_size, num_steps, pad"):
+        attnrewrite.attention(q, k, v, method="monarch", steps=2)
+    with pytest.raises(attnrewrite.OptionError, match="valid options: none"):
+        attnrewrite.attention(q, k, v, method="sdpa", block_size=4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"block_size": 0}, "block_size must be a positive int"),
+        ({"num_steps": -1}, "num_steps must be an int ≥ 1"),
+        ({"num_steps": 1.5}, "num_steps must be an int ≥ 1"),
+        ({"pad": "middle"}, "pad must be 'post' or 'pre'"),
+    ],
+)
+def test_option_values_are_checked(options, message):
+    q, k, v = qkv()
+    with pytest.raises(attnrewrite.OptionError, match=message):
+        attnrewrite.attention(q, k, v, method="monarch", **options)
+
+
+def test_monarch_refuses_masks_it_cannot_honor():
+    q, k, v = qkv()
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="no causal variant"):
+        attnrewrite.attention(q, k, v, is_causal=True, method="monarch")
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="key-padding masks only"):
+        attnrewrite.attention(q, k, v, causal, method="monarch")
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="cross-attention"):
+        attnrewrite.attention(q, torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), method="monarch")
+
+
+def test_bad_inputs_are_named():
+    q, k, v = qkv()
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="dtypes differ"):
+        attnrewrite.attention(q, k.double(), v, method="monarch")
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="head dims differ"):
+        attnrewrite.attention(q, k[..., :4], v, method="monarch")
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="does not broadcast"):
+        attnrewrite.attention(q, k, v, torch.ones(3, 5, dtype=torch.bool), method="monarch")
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="attn_mask must be bool"):
+        attnrewrite.attention(q, k, v, torch.ones(1, 16, dtype=torch.int64), method="monarch")
+
+
+class Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 8)).unbind(-2)
+        return x + F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Layer() for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_report_names_layers_and_serializes():
+    res = attnrewrite.rewrite(TwoLayers(), (torch.randn(2, 16, 8),), method="monarch", block_size=4)
+    assert [s.name for s in res.report.sites] == ["layers.0", "layers.1"]
+    assert [s.layer for s in res.report.sites] == [0, 1]
+    data = json.loads(res.report.to_json())
+    assert data["method"] == "monarch"
+    assert data["sites"][0]["options"] == {"block_size": 4, "num_steps": 2, "pad": "post"}
+    assert "2 replaced with monarch, 0 kept" in str(res.report)
+
+
+def test_select_policy_keeps_unselected_layers_exact():
+    model = TwoLayers()
+    x = torch.randn(2, 16, 8)
+    res = attnrewrite.rewrite(model, (x,), method="monarch", block_size=4,
+                              policy=attnrewrite.Select(layers=[1]))  # fmt: skip
+    assert [s.status for s in res.report.sites] == ["kept", "replaced"]
+    assert "not in the selected layers" in res.report.sites[0].reason
+    with pytest.raises(attnrewrite.OptionError, match="list of glob patterns"):
+        attnrewrite.Select(names="layers.*")
+
+
+def test_monarch_rewrite_is_trainable():
+    model = TwoLayers()
+    x = torch.randn(2, 16, 8)
+    res = attnrewrite.rewrite(model, (x,), method="monarch", block_size=4)
+    res.module(x).square().mean().backward()
+    grads = [p.grad for p in res.module.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
