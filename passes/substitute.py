@@ -38,11 +38,9 @@ def substitute(
         site.status = "replaced"
         old = site.sdpa_node
         args, kwargs = method.graph_arguments(site, options)
-        target = method.graph_target()
-        if old.target is target and old.args == args and old.kwargs == kwargs:
+        if old.target is method.graph_target() and old.args == args and old.kwargs == kwargs:
             continue
-        with gm.graph.inserting_before(old):
-            new = gm.graph.call_function(target, args, kwargs)
+        new = method.insert(gm, site, options)
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
         gm.graph.erase_node(old)

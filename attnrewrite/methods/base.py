@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.fx
 
 from ..errors import OptionError
 from ..site import AttentionSite
@@ -64,6 +65,18 @@ class AttentionMethod(ABC):
         self, site: AttentionSite, options: MethodOptions
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments for `graph_target()`, built from the site's canonical SDPA node arguments."""
+
+    def insert(
+        self, gm: torch.fx.GraphModule, site: AttentionSite, options: MethodOptions
+    ) -> torch.fx.Node:
+        """Insert the method's call for `site` before its SDPA node and return it.
+
+        The default calls `graph_target()`; methods with per-site state (parameters) override it
+        to register a submodule on `gm` and call it.
+        """
+        args, kwargs = self.graph_arguments(site, options)
+        with gm.graph.inserting_before(site.sdpa_node):
+            return gm.graph.call_function(self.graph_target(), args, kwargs)
 
     @abstractmethod
     def __call__(
