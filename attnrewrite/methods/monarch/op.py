@@ -7,15 +7,12 @@ model can be fine-tuned.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
+from ..masks import key_mask_terms, warn_exact_fallback
 from .reference import monarch_attention_reference
-
-_FALLBACK_WARNED = False
 
 
 def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
@@ -23,33 +20,6 @@ def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Ten
     if not enable_gqa or x.dim() < 3 or x.shape[-3] == q.shape[-3]:
         return x
     return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
-
-
-def key_mask_terms(
-    attn_mask: torch.Tensor, batch: tuple[int, ...], n: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(key_bias, query_weight), each (*batch, n), from an SDPA mask that only depends on the key.
-
-    A bool mask (True = attend) becomes a 0/−inf bias; a float mask is the bias itself. Keys whose
-    mask is False, −inf or at most the mask dtype's finfo.min (the value Hugging Face uses) count
-    as masked for the query weights. A mask with a query axis is accepted when all its rows are
-    equal (as Hugging Face's expanded padding masks are); None when they are not.
-    """
-    if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
-        first_row = attn_mask[..., :1, :]
-        if not torch.equal(attn_mask, first_row.expand_as(attn_mask)):
-            return None
-        attn_mask = first_row
-    attn_mask = attn_mask.broadcast_to(*batch, 1, n).squeeze(-2)
-    if attn_mask.dtype == torch.bool:
-        key_bias = torch.zeros(attn_mask.shape, device=attn_mask.device, dtype=dtype).masked_fill(
-            ~attn_mask, float("-inf")
-        )
-        masked = ~attn_mask
-    else:
-        key_bias = attn_mask.to(dtype)
-        masked = attn_mask <= torch.finfo(attn_mask.dtype).min
-    return key_bias, (~masked).to(dtype)
 
 
 def _forward(
@@ -77,7 +47,7 @@ def _forward(
                     "equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
                     "Use method='sdpa' for it, or pass a key-padding mask."
                 )
-            _warn_fallback()
+            warn_exact_fallback("Monarch")
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         key_bias, query_weight = terms
     return monarch_attention_reference(
@@ -91,18 +61,6 @@ def _forward(
         num_steps=num_steps,
         pad=pad,
     )
-
-
-def _warn_fallback() -> None:
-    global _FALLBACK_WARNED
-    if not _FALLBACK_WARNED:
-        _FALLBACK_WARNED = True
-        warnings.warn(
-            "attnrewrite: a Monarch site received a mask that differs between queries (not a "
-            "key-padding mask); it ran exact attention instead. This warning is shown once.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 @torch.library.custom_op("attnrewrite::monarch_attention", mutates_args=())
