@@ -19,6 +19,7 @@ import torch.fx
 from ..site import AttentionSite
 from . import spellings as sp
 from .graph_utils import (
+    constant_value,
     infer_value,
     layer_index,
     module_path,
@@ -47,13 +48,19 @@ class ScoreStep:
 @dataclasses.dataclass
 class AttentionMatch:
     softmax: torch.fx.Node
-    product: torch.fx.Node  # Q @ Kᵀ
-    output: torch.fx.Node  # P @ V
-    query: torch.fx.Node
-    key_transposed: torch.fx.Node
-    value: torch.fx.Node
+    scores: sp.Product  # Q ⋅ Kᵀ
+    values: sp.Product  # P ⋅ V
     steps: list[ScoreStep]
     region: list[torch.fx.Node]  # every node the rewrite removes (the output included)
+
+    @property
+    def output(self) -> torch.fx.Node:
+        return self.values.node
+
+
+def _permuted_shape(x: Any, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    shape = shape_of(x)
+    return shape if shape is None or perm is None else tuple(shape[i] for i in perm)
 
 
 def _describe(node: Any) -> str:
@@ -89,21 +96,25 @@ def _walk_to_value_product(softmax: torch.fx.Node, gm: torch.fx.GraphModule, reg
             region.append(user)
             current = user
             continue
-        operands = sp.matmul_operands(user)
-        if operands is None:
+        values = sp.product(user)
+        if values is None:
             raise NotAttention(
                 f"the probabilities feed {_describe(user)}, not a product with values"
             )
-        if operands[0] is not current or operands[1] is current:
+        if values.left is not current or values.right is current:
             raise NotAttention(
                 f"the probabilities are the right operand of {_describe(user)}; attention "
                 "multiplies them on the left of the values"
             )
+        if values.left_perm is not None:
+            raise NotAttention(f"{_describe(user)} permutes the probabilities")
+        if values.bias is not None or values.alpha != 1:
+            raise NotAttention(f"{_describe(user)} scales or offsets the attention output")
         region.append(user)
-        return user, operands[1]
+        return values
 
 
-def _walk_to_score_product(softmax_input: Any, region: list) -> tuple[torch.fx.Node, list]:
+def _walk_to_score_product(softmax_input: Any, region: list) -> tuple[sp.Product, list]:
     """Follow the scores back through casts, scales and masks to Q @ Kᵀ."""
     steps: list[ScoreStep] = []
     current = softmax_input
@@ -112,9 +123,20 @@ def _walk_to_score_product(softmax_input: Any, region: list) -> tuple[torch.fx.N
             raise NotAttention(f"the softmax input is a constant {current!r}")
         region.append(current)
         region.extend(u for u in current.users if sp.ASSERTION.matches(u))
-        if sp.matmul_operands(current) is not None:
+        scores = sp.product(current)
+        if scores is not None:
+            if scores.out_perm is not None:
+                raise NotAttention(
+                    f"{_describe(current)} lays the scores out other than (batch…, queries, keys)"
+                )
+            if scores.bias is not None and scores.beta not in (0, 1):
+                raise NotAttention(f"{_describe(current)} scales its bias by beta={scores.beta}")
+            if scores.bias is not None and scores.beta == 1:
+                steps.append(ScoreStep("add", scores.bias))  # baddbmm: alpha·(q⋅kᵀ) + bias
+            if scores.alpha != 1:
+                steps.append(ScoreStep("scale", scores.alpha))
             steps.reverse()
-            return current, steps
+            return scores, steps
         if sp.VALUE_PRESERVING.matches(current):
             current = sp.argument(current, 0, "input")
             continue
@@ -211,10 +233,9 @@ def match_attention(softmax: torch.fx.Node, gm: torch.fx.GraphModule) -> Attenti
     if dim is None or dim % rank != rank - 1:
         raise NotAttention(f"softmax over dim {dim} of rank-{rank} scores, not the key dim (-1)")
     region: list[torch.fx.Node] = [softmax]
-    output, value = _walk_to_value_product(softmax, gm, region)
+    values = _walk_to_value_product(softmax, gm, region)
     product, steps = _walk_to_score_product(scores, region)
-    query, key_transposed = sp.matmul_operands(product)
-    match = AttentionMatch(softmax, product, output, query, key_transposed, value, steps, region)
+    match = AttentionMatch(softmax, product, values, steps, region)
     _check_region_is_private(match)
     _check_shapes_and_dtypes(match)
     return match
@@ -232,7 +253,7 @@ def _check_region_is_private(match: AttentionMatch) -> None:
                 f"{_describe(node)} has {len(outside)} user(s) outside the attention region "
                 f"({names}); rewriting would change them"
             )
-    operands = [match.query, match.key_transposed, match.value]
+    operands = [match.scores.left, match.scores.right, match.values.right]
     for step in match.steps:
         operands.append(step.operand[1] if isinstance(step.operand, tuple) else step.operand)
     for operand in operands:
@@ -241,21 +262,25 @@ def _check_region_is_private(match: AttentionMatch) -> None:
 
 
 def _check_shapes_and_dtypes(match: AttentionMatch) -> None:
-    q, kt, v = (tensor_meta(x) for x in (match.query, match.key_transposed, match.value))
-    scores, out = tensor_meta(match.product), tensor_meta(match.output)
+    q_shape = _permuted_shape(match.scores.left, match.scores.left_perm)
+    kt_shape = _permuted_shape(match.scores.right, match.scores.right_perm)
+    v_shape = _permuted_shape(match.values.right, match.values.right_perm)
+    q, kt, v = (tensor_meta(x) for x in (match.scores.left, match.scores.right, match.values.right))
+    scores, out = tensor_meta(match.scores.node), tensor_meta(match.output)
     if any(t is None for t in (q, kt, v, scores, out)):
         raise NotAttention("no shape information for the query, key, value or output")
-    if q.dim() < 3 or not (q.dim() == kt.dim() == v.dim()):
+    if len(q_shape) < 2 or not (len(q_shape) == len(kt_shape) == len(v_shape)):
         raise NotAttention(
-            f"operand ranks q={q.dim()}, kᵀ={kt.dim()}, v={v.dim()}: need equal ranks ≥ 3"
+            f"operand ranks q={len(q_shape)}, kᵀ={len(kt_shape)}, v={len(v_shape)}: need equal "
+            "ranks ≥ 2"
         )
-    batch = q.shape[:-2]
-    if kt.shape[:-2] != batch or v.shape[:-2] != batch:
+    batch = q_shape[:-2]
+    if kt_shape[:-2] != batch or v_shape[:-2] != batch:
         raise NotAttention(
-            f"batch dims differ (q {tuple(q.shape)}, kᵀ {tuple(kt.shape)}, v {tuple(v.shape)}); "
-            "broadcast products are not SDPA"
+            f"batch dims differ (q {q_shape}, kᵀ {kt_shape}, v {v_shape}); broadcast products "
+            "are not SDPA"
         )
-    if kt.shape[-1] != v.shape[-2]:
+    if kt_shape[-1] != v_shape[-2]:
         raise NotAttention("keys and values have different lengths")
     for node in match.region:
         value = tensor_meta(node)
@@ -329,15 +354,26 @@ class _Emitter:
         return node
 
 
-def _emit_sdpa(match: AttentionMatch, gm: torch.fx.GraphModule) -> torch.fx.Node:
+def _emit_sdpa(
+    match: AttentionMatch, gm: torch.fx.GraphModule
+) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """Insert the canonical SDPA node; returns it and the node that replaces the region's output."""
     emit = _Emitter(gm.graph, match.output)
-    scores = tensor_meta(match.product)
-    dtype = tensor_meta(match.query).dtype
+    scores = tensor_meta(match.scores.node)
+    dtype = tensor_meta(match.scores.left).dtype
     rank = scores.dim()
-    query = match.query
-    key = sp.transpose_source(match.key_transposed, rank)
-    if key is None:
-        key = emit(aten.transpose.int, match.key_transposed, -2, -1)
+
+    def permuted(x: torch.fx.Node, perm: tuple[int, ...] | None) -> torch.fx.Node:
+        return x if perm is None else emit(aten.permute.default, x, list(perm))
+
+    query = permuted(match.scores.left, match.scores.left_perm)
+    # K = Kᵀ with its last two dims swapped, composed with the product's own permutation.
+    key_perm = list(match.scores.right_perm or range(rank))
+    key_perm[-2], key_perm[-1] = key_perm[-1], key_perm[-2]
+    key = sp.transpose_source(match.scores.right, rank) if key_perm != list(range(rank)) else None
+    if key is None or match.scores.right_perm is not None:
+        key = permuted(match.scores.right, None if key_perm == list(range(rank)) else key_perm)
+    value = permuted(match.values.right, match.values.right_perm)
     scale = 1.0
     mask: torch.fx.Node | None = None
 
@@ -373,14 +409,10 @@ def _emit_sdpa(match: AttentionMatch, gm: torch.fx.GraphModule) -> torch.fx.Node
             zeros = emit(aten.zeros_like.default, condition, dtype=dtype)
             term = emit(aten.masked_fill.Scalar, zeros, condition, step.fill_value)
             mask = term if mask is None else emit(aten.add.Tensor, mask, term)
-    return emit(
-        aten.scaled_dot_product_attention.default,
-        query,
-        key,
-        match.value,
-        mask,
-        scale=scale,
+    attention = emit(
+        aten.scaled_dot_product_attention.default, query, key, value, mask, scale=scale
     )
+    return attention, permuted(attention, match.values.out_perm)
 
 
 def _site_for(node: torch.fx.Node, spelling: str) -> AttentionSite:
@@ -411,6 +443,63 @@ def describe_sdpa_site(site: AttentionSite, node: torch.fx.Node) -> None:
         site.mask = "key" if len(mask_shape) < 2 or mask_shape[-2] == 1 else "full"
 
 
+def _is_exactly_causal(mask: Any, q_len: int, k_len: int) -> bool:
+    """True when an SDPA mask value equals is_causal=True: keep j ≤ i, mask the rest."""
+    if not isinstance(mask, torch.Tensor) or q_len != k_len or mask.dim() < 2:
+        return False
+    if tuple(mask.shape[-2:]) != (q_len, k_len):
+        return False
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((mask == keep).all())
+    if not mask.is_floating_point():
+        return False
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    return bool((mask.masked_fill(~keep, 0) == 0).all() and (masked == ~keep).all())
+
+
+def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node:
+    """Make an SDPA node say what it computes: constant causal masks become is_causal=True and
+    key/value heads repeated for grouped-query attention become enable_gqa=True."""
+    args = sp.sdpa_arguments(node)
+    query, key, value, mask = args.query, args.key, args.value, args.attn_mask
+    is_causal, enable_gqa = args.is_causal, args.enable_gqa
+    q_shape, k_shape = shape_of(query), shape_of(key)
+    changed = False
+    known_lengths = q_shape is not None and k_shape is not None
+    if (
+        mask is not None
+        and known_lengths
+        and _is_exactly_causal(constant_value(mask, gm), q_shape[-2], k_shape[-2])
+    ):
+        mask, is_causal, changed = None, True, True
+    emit = _Emitter(gm.graph, node)
+    repeated_key, repeated_value = sp.head_repeat(key, shape_of), sp.head_repeat(value, shape_of)
+    if not enable_gqa and repeated_key and repeated_value and repeated_key[1] == repeated_value[1]:
+
+        def heads(repeat: tuple[Any, int, bool]) -> torch.fx.Node:
+            source, _, unit_dim = repeat
+            return emit(aten.squeeze.dim, source, -3) if unit_dim else source
+
+        key, value, enable_gqa, changed = heads(repeated_key), heads(repeated_value), True, True
+    if not changed:
+        return node
+    refined = emit(
+        aten.scaled_dot_product_attention.default,
+        query,
+        key,
+        value,
+        mask,
+        args.dropout_p,
+        is_causal,
+        scale=args.scale,
+        enable_gqa=enable_gqa,
+    )
+    node.replace_all_uses_with(refined)
+    gm.graph.erase_node(node)
+    return refined
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Rewrite every provable attention region of `gm` into SDPA; report every candidate site.
 
@@ -418,12 +507,15 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """
     sites: list[AttentionSite] = []
     erased: set[torch.fx.Node] = set()
+    changed = False
     for node in list(gm.graph.nodes):
         if node in erased or node.op not in ("call_function", "call_method"):
             continue
         if sp.sdpa_arguments(node) is not None:
             site = _site_for(node, "sdpa")
-            describe_sdpa_site(site, node)
+            refined = _refine_sdpa(node, gm)
+            changed |= refined is not node
+            describe_sdpa_site(site, refined)
             sites.append(site)
             continue
         if sp.softmax_operands(node) is None:
@@ -435,14 +527,16 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             site.keep(f"not rewritten: {reason}")
             sites.append(site)
             continue
-        sdpa = _emit_sdpa(match, gm)
-        match.output.replace_all_uses_with(sdpa)
+        sdpa, result = _emit_sdpa(match, gm)
+        match.output.replace_all_uses_with(result)
         for dead in sorted(set(match.region), key=_position(gm.graph), reverse=True):
             gm.graph.erase_node(dead)
             erased.add(dead)
-        describe_sdpa_site(site, sdpa)
+        describe_sdpa_site(site, _refine_sdpa(sdpa, gm))
         sites.append(site)
-    if any(site.spelling == "eager" and site.status == "found" for site in sites):
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     return sites

@@ -60,6 +60,51 @@ def infer_value(node: torch.fx.Node, key: str) -> None:
         node.meta[key] = node.target(*args, **kwargs)
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    """In-place ops must not run at rewrite time (they would change the module's buffers)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def constant_value(node: torch.fx.Node, gm: torch.fx.GraphModule, limit: int = 256) -> Any:
+    """The value of `node` when it depends on no graph input (only constants and buffers),
+    computed for real; None when it depends on an input, is too large a subgraph, or fails."""
+    needed: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        if current.op in ("placeholder", "output") or len(seen) >= limit or _mutates(current):
+            return None
+        seen.add(current)
+        needed.append(current)
+        stack.extend(current.all_input_nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    values: dict[torch.fx.Node, Any] = {}
+    try:
+        for current in sorted(needed, key=order.__getitem__):
+            args, kwargs = torch.fx.node.map_arg((current.args, current.kwargs), values.__getitem__)
+            if current.op == "get_attr":
+                value: Any = gm
+                for part in str(current.target).split("."):
+                    value = getattr(value, part)
+            elif current.op == "call_function":
+                value = current.target(*args, **kwargs)
+            elif current.op == "call_method":
+                value = getattr(args[0], current.target)(*args[1:], **kwargs)
+            else:
+                return None
+            values[current] = value
+    except Exception:  # a subgraph we cannot evaluate is simply not constant
+        return None
+    return values[node]
+
+
 def module_path(node: torch.fx.Node) -> str:
     """The dotted module path a node was traced in (e.g. "encoder.layer.0.attention.self")."""
     stack = node.meta.get("nn_module_stack")

@@ -45,6 +45,8 @@ def spelling(functions: Iterable[Any] = (), methods: Iterable[str] = ()) -> Spel
 MATMUL = spelling(
     [torch.matmul, operator.matmul, torch.bmm, aten.matmul, aten.bmm], ["matmul", "bmm"]
 )
+BADDBMM = spelling([torch.baddbmm, aten.baddbmm], ["baddbmm"])
+EINSUM = spelling([torch.einsum, aten.einsum])
 SOFTMAX = spelling(
     [F.softmax, torch.softmax, torch._softmax, aten.softmax, aten._softmax], ["softmax"]
 )
@@ -61,6 +63,11 @@ VALUE_PRESERVING = spelling(
     ["float", "to", "type_as", "type", "contiguous", "clone", "half", "bfloat16", "double"],
 )
 TRANSPOSE = spelling([torch.transpose, aten.transpose], ["transpose"])
+EXPAND = spelling([aten.expand], ["expand"])
+RESHAPE = spelling([torch.reshape, aten.reshape, aten.view, aten._unsafe_view], ["reshape", "view"])
+REPEAT_INTERLEAVE = spelling(
+    [torch.repeat_interleave, aten.repeat_interleave], ["repeat_interleave"]
+)
 SDPA = spelling([F.scaled_dot_product_attention, aten.scaled_dot_product_attention])
 # Graph-only checks that read a value without using it; they go when the value goes.
 ASSERTION = spelling([aten._assert_tensor_metadata, aten._assert_scalar])
@@ -72,10 +79,89 @@ def argument(node: torch.fx.Node, position: int, name: str, default: Any = None)
     return node.kwargs.get(name, default)
 
 
-def matmul_operands(node: torch.fx.Node) -> tuple[Any, Any] | None:
-    if not MATMUL.matches(node):
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """A batched matrix product out = alpha · (left ⋅ right) + beta · bias.
+
+    `left_perm`/`right_perm` bring the operands to (batch…, M, K) and (batch…, K, N) (None: already
+    there); `out_perm` takes the canonical (batch…, M, N) result to the node's layout (einsum).
+    """
+
+    node: torch.fx.Node
+    left: Any
+    right: Any
+    left_perm: tuple[int, ...] | None = None
+    right_perm: tuple[int, ...] | None = None
+    out_perm: tuple[int, ...] | None = None
+    bias: Any = None
+    alpha: float = 1.0
+    beta: float = 1.0
+
+
+def product(node: Any) -> Product | None:
+    """The matrix product a node computes, in any spelling, or None."""
+    if not isinstance(node, torch.fx.Node):
         return None
-    return argument(node, 0, "input"), argument(node, 1, "other")
+    if MATMUL.matches(node):
+        return Product(node, argument(node, 0, "input"), argument(node, 1, "other"))
+    if BADDBMM.matches(node):
+        return Product(
+            node,
+            argument(node, 1, "batch1"),
+            argument(node, 2, "batch2"),
+            bias=argument(node, 0, "input"),
+            beta=node.kwargs.get("beta", 1),
+            alpha=node.kwargs.get("alpha", 1),
+        )
+    if EINSUM.matches(node):
+        return _einsum_product(node)
+    return None
+
+
+def matmul_operands(node: torch.fx.Node) -> tuple[Any, Any] | None:
+    """(left, right) of a product in any spelling (for walks that only need the operands)."""
+    found = product(node)
+    return None if found is None else (found.left, found.right)
+
+
+def _einsum_product(node: torch.fx.Node) -> Product | None:
+    """An einsum "A,B->C" that is a batched matrix product, with the permutations around it."""
+    equation = node.args[0]
+    operands = node.args[1] if len(node.args) == 2 else node.args[1:]
+    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
+        return None
+    lhs, out = equation.replace(" ", "").split("->")
+    if lhs.count(",") != 1 or "." in equation:
+        return None
+    left, right = lhs.split(",")
+    if any(len(set(t)) != len(t) for t in (left, right, out)):
+        return None  # repeated letters: traces and diagonals are not products
+    contracted = (set(left) & set(right)) - set(out)
+    batch = [c for c in out if c in left and c in right]
+    rows = [c for c in out if c in left and c not in right]
+    cols = [c for c in out if c in right and c not in left]
+    if len(contracted) != 1 or len(rows) != 1 or len(cols) != 1:
+        return None
+    if set(left) != set(batch) | set(rows) | contracted:
+        return None  # a letter summed out of one operand alone
+    if set(right) != set(batch) | set(cols) | contracted or len(out) != len(batch) + 2:
+        return None
+    (k,) = contracted
+    canonical_left, canonical_right = [*batch, *rows, k], [*batch, k, *cols]
+    canonical_out = [*batch, *rows, *cols]
+
+    def perm(src: str, dst: list[str]) -> tuple[int, ...] | None:
+        order = tuple(src.index(c) for c in dst)
+        return None if order == tuple(range(len(order))) else order
+
+    return Product(
+        node,
+        operands[0],
+        operands[1],
+        left_perm=perm(left, canonical_left),
+        right_perm=perm(right, canonical_right),
+        out_perm=perm("".join(canonical_out), list(out)),
+    )
 
 
 def softmax_operands(node: torch.fx.Node) -> tuple[torch.fx.Node, int | None] | None:
@@ -122,6 +208,41 @@ def transpose_source(node: Any, rank: int) -> torch.fx.Node | None:
         return None
     dims = {argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank}
     return argument(node, 0, "input") if dims == {rank - 2, rank - 1} else None
+
+
+def head_repeat(node: Any, shape_of: Any) -> tuple[Any, int, bool] | None:
+    """How `node` repeats key/value heads (grouped-query attention): (source, repeats, unit_dim).
+
+    Recognizes repeat_interleave over the head dim (-3), and Hugging Face's repeat_kv,
+    x[:, :, None].expand(B, Hk, r, N, D).reshape(B, Hk·r, N, D), by shapes alone: then `source`
+    is the 5-D tensor before the expand and `unit_dim` is True (squeeze dim -3 to get the heads).
+    """
+    if not isinstance(node, torch.fx.Node):
+        return None
+    shape = shape_of(node)
+    if shape is None or len(shape) < 3:
+        return None
+    if REPEAT_INTERLEAVE.matches(node):
+        repeats, dim = argument(node, 1, "repeats"), argument(node, 2, "dim")
+        if isinstance(repeats, int) and isinstance(dim, int) and dim % len(shape) == len(shape) - 3:
+            return argument(node, 0, "input"), repeats, False
+        return None
+    if not RESHAPE.matches(node):
+        return None
+    expanded = argument(node, 0, "input")
+    while isinstance(expanded, torch.fx.Node) and VALUE_PRESERVING.matches(expanded):
+        expanded = argument(expanded, 0, "input")
+    if not isinstance(expanded, torch.fx.Node) or not EXPAND.matches(expanded):
+        return None
+    source = argument(expanded, 0, "input")
+    before, after = shape_of(source), shape_of(expanded)
+    if before is None or after is None or len(after) != len(shape) + 1 or before[-3] != 1:
+        return None
+    *batch, heads, repeats, n, d = after
+    unit = (*batch, heads, 1, n, d)
+    if tuple(before) != unit or tuple(shape) != (*batch, heads * repeats, n, d):
+        return None
+    return source, repeats, True
 
 
 def sdpa_arguments(node: torch.fx.Node) -> SDPAArgs | None:

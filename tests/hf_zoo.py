@@ -63,22 +63,83 @@ _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interm
 ZOO: list[ZooEntry] = [
     ZooEntry("bert", _model("BertConfig", "BertModel", vocab_size=99, **_SMALL), _ids, 2),
     ZooEntry("roberta", _model("RobertaConfig", "RobertaModel", vocab_size=99, **_SMALL), _ids, 2),
-    ZooEntry("distilbert", _model("DistilBertConfig", "DistilBertModel", vocab_size=99, dim=32,
-                                  n_layers=2, n_heads=4, hidden_dim=64), _ids, 2),  # fmt: skip
-    ZooEntry("gpt2", _model("GPT2Config", "GPT2Model", vocab_size=99, n_embd=32, n_layer=2,
-                            n_head=4), _decoder_ids, 2, causal_layers=2),  # fmt: skip
-    ZooEntry("llama_gqa_rope", _model("LlamaConfig", "LlamaModel", vocab_size=99,
-                                      num_key_value_heads=2, **_SMALL), _decoder_ids, 2, causal_layers=2),  # fmt: skip
-    ZooEntry("mistral", _model("MistralConfig", "MistralModel", vocab_size=99,
-                               num_key_value_heads=2, **_SMALL), _decoder_ids, 2, causal_layers=2),  # fmt: skip
-    ZooEntry("qwen2", _model("Qwen2Config", "Qwen2Model", vocab_size=99, num_key_value_heads=1,
-                             **_SMALL), _decoder_ids, 2, causal_layers=2),  # fmt: skip
-    ZooEntry("vit", _model("ViTConfig", "ViTModel", image_size=32, patch_size=8, **_SMALL),
-             _pixels, 2),  # fmt: skip
-    ZooEntry("t5", _model("T5Config", "T5Model", vocab_size=99, d_model=32, d_kv=8, d_ff=64,
-                          num_layers=2, num_heads=4), _seq2seq, 6, causal_layers=2),  # fmt: skip
-    ZooEntry("bart", _model("BartConfig", "BartModel", vocab_size=99, d_model=32,
-                            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64),
-             _seq2seq, 6, causal_layers=2),  # fmt: skip
+    ZooEntry(
+        "distilbert",
+        _model(
+            "DistilBertConfig",
+            "DistilBertModel",
+            vocab_size=99,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+        ),
+        _ids,
+        2,
+    ),
+    ZooEntry(
+        "gpt2",
+        _model("GPT2Config", "GPT2Model", vocab_size=99, n_embd=32, n_layer=2, n_head=4),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "llama_gqa_rope",
+        _model("LlamaConfig", "LlamaModel", vocab_size=99, num_key_value_heads=2, **_SMALL),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "mistral",
+        _model("MistralConfig", "MistralModel", vocab_size=99, num_key_value_heads=2, **_SMALL),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "qwen2",
+        _model("Qwen2Config", "Qwen2Model", vocab_size=99, num_key_value_heads=1, **_SMALL),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "vit", _model("ViTConfig", "ViTModel", image_size=32, patch_size=8, **_SMALL), _pixels, 2
+    ),
+    ZooEntry(
+        "t5",
+        _model(
+            "T5Config",
+            "T5Model",
+            vocab_size=99,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+        ),
+        _seq2seq,
+        6,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "bart",
+        _model(
+            "BartConfig",
+            "BartModel",
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+        ),
+        _seq2seq,
+        6,
+        causal_layers=2,
+    ),
 ]
