@@ -291,6 +291,14 @@ def _check_shapes_and_dtypes(match: AttentionMatch) -> None:
                 f"{_describe(node)} changes the score shape {tuple(scores.shape)} to "
                 f"{tuple(value.shape)}"
             )
+    for node in match.region:
+        value = tensor_meta(node)
+        floating = value is not None and value.is_floating_point() and q.is_floating_point()
+        if floating and torch.finfo(value.dtype).bits < torch.finfo(q.dtype).bits:
+            raise NotAttention(
+                f"{_describe(node)} computes in {value.dtype}, narrower than the "
+                f"{q.dtype} inputs; SDPA would compute in {q.dtype}"
+            )
     if not (q.dtype == kt.dtype == v.dtype == out.dtype) or not q.is_floating_point():
         raise NotAttention(
             f"dtypes q={q.dtype}, k={kt.dtype}, v={v.dtype}, out={out.dtype}: SDPA needs one "

@@ -63,6 +63,8 @@ VALUE_PRESERVING = spelling(
     ["float", "to", "type_as", "type", "contiguous", "clone", "half", "bfloat16", "double"],
 )
 TRANSPOSE = spelling([torch.transpose, aten.transpose], ["transpose"])
+PERMUTE = spelling([torch.permute, aten.permute], ["permute"])
+MATRIX_TRANSPOSE = spelling([aten.mT, aten.adjoint], ["adjoint"])
 EXPAND = spelling([aten.expand], ["expand"])
 RESHAPE = spelling([torch.reshape, aten.reshape, aten.view, aten._unsafe_view], ["reshape", "view"])
 REPEAT_INTERLEAVE = spelling(
@@ -203,11 +205,22 @@ def dropout_state(node: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[Any, f
 
 
 def transpose_source(node: Any, rank: int) -> torch.fx.Node | None:
-    """`x` when `node` is x.transpose of the last two dims (any spelling of the dims)."""
-    if not isinstance(node, torch.fx.Node) or not TRANSPOSE.matches(node):
+    """`x` when `node` swaps the last two dims of x (transpose, permute, .mT; any dim spelling)."""
+    if not isinstance(node, torch.fx.Node):
         return None
-    dims = {argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank}
-    return argument(node, 0, "input") if dims == {rank - 2, rank - 1} else None
+    if MATRIX_TRANSPOSE.matches(node) or (
+        node.op == "call_function" and node.target is getattr and node.args[1] == "mT"
+    ):
+        return argument(node, 0, "input")
+    if TRANSPOSE.matches(node):
+        dims = {argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank}
+        return argument(node, 0, "input") if dims == {rank - 2, rank - 1} else None
+    if PERMUTE.matches(node):
+        dims = argument(node, 1, "dims")
+        dims = list(node.args[1:]) if node.op == "call_method" and len(node.args) > 2 else dims
+        swapped = [*range(rank - 2), rank - 1, rank - 2]
+        return argument(node, 0, "input") if [d % rank for d in dims] == swapped else None
+    return None
 
 
 def head_repeat(node: Any, shape_of: Any) -> tuple[Any, int, bool] | None:

@@ -24,6 +24,7 @@ class Spelled(nn.Module):
         super().__init__()
         self.fn = fn
         self.register_buffer("temperature", torch.tensor(math.sqrt(D)))
+        self.register_buffer("causal", torch.ones(64, 64).tril())
         self.dropout = nn.Dropout(0.1)
 
     def forward(self, q, k, v, mask):
@@ -82,6 +83,77 @@ ATTENTION = {
         ((q @ k.transpose(-2, -1) + additive(keep)) * 0.25).softmax(-1) @ v
     ),
     "existing_sdpa": lambda m, q, k, v, keep: F.scaled_dot_product_attention(q, k, v, keep),
+    "einsum_bhqd": lambda m, q, k, v, keep: torch.einsum(
+        "bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1), v
+    ),
+    "einsum_other_letters_bnhd_layout": lambda m, q, k, v, keep: torch.einsum(
+        "zyij,zjyc->ziyc",
+        torch.einsum("ziyc,zjyc->zyij", q.transpose(1, 2), k.transpose(1, 2)).softmax(-1),
+        v.transpose(1, 2),
+    ),
+    "baddbmm_bias_alpha": lambda m, q, k, v, keep: torch.bmm(
+        torch.baddbmm(
+            additive(keep).expand(B, H, N, N).reshape(B * H, N, N),
+            q.flatten(0, 1),
+            k.flatten(0, 1).transpose(1, 2),
+            alpha=0.3,
+        ).softmax(-1),
+        v.flatten(0, 1),
+    ),
+    "permute_from_bnhd": lambda m, q, k, v, keep: (
+        (q @ k.transpose(1, 2).contiguous().permute(0, 2, 3, 1)).softmax(-1) @ v
+    ),
+    "mT": lambda m, q, k, v, keep: (q @ k.mT).softmax(-1) @ v,
+    "single_head_2d_t": lambda m, q, k, v, keep: (q[0, 0] @ k[0, 0].t()).softmax(-1) @ v[0, 0],
+    "in_graph_rsqrt_scale": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1)) * torch.rsqrt(torch.tensor(float(D)))).softmax(-1) @ v
+    ),
+    "per_head_scale": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1)) * torch.linspace(0.1, 0.5, H).view(H, 1, 1)).softmax(-1) @ v
+    ),
+    "per_key_scale": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1)) / torch.linspace(1.0, 2.0, N)).softmax(-1) @ v
+    ),
+    "private_softmax_and_type_as": lambda m, q, k, v, keep: (
+        torch._softmax((q @ k.transpose(-2, -1)).double(), -1, False).type_as(v) @ v
+    ),
+    "fused_qkv_chunk_unbind_split": lambda m, q, k, v, keep: (
+        lambda qkv: F.softmax(qkv[0] @ qkv[1].transpose(-2, -1), -1) @ qkv[2]
+    )(torch.cat([q, k, v], dim=-1).split(D, dim=-1)),
+    "cross_attention": lambda m, q, k, v, keep: (q[:, :, :4] @ k.transpose(-2, -1)).softmax(-1) @ v,
+    "gated_attention": lambda m, q, k, v, keep: (
+        torch.sigmoid(q.mean(-1, keepdim=True)) * ((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+    ),
+}
+
+# Spellings whose canonical form carries a flag: is_causal or enable_gqa.
+CAUSAL = {
+    "causal_tril_buffer_sliced": lambda m, q, k, v, keep: (
+        (q @ k.transpose(-2, -1)).masked_fill(m.causal[:N, :N] == 0, float("-inf")).softmax(-1) @ v
+    ),
+    "causal_arange_comparison": lambda m, q, k, v, keep: (
+        torch.where(
+            torch.arange(N)[:, None] >= torch.arange(N)[None, :],
+            q @ k.transpose(-2, -1),
+            FLOAT32_MIN,
+        ).softmax(-1)
+        @ v
+    ),
+    "causal_triu_additive": lambda m, q, k, v, keep: (
+        (
+            q @ k.transpose(-2, -1) + torch.triu(torch.full((N, N), float("-inf")), diagonal=1)
+        ).softmax(-1)
+        @ v
+    ),
+}
+GQA = {
+    "gqa_repeat_interleave": lambda m, q, k, v, keep: (
+        (q @ k[:, :1].repeat_interleave(H, dim=1).transpose(-2, -1)).softmax(-1)
+        @ v[:, :1].repeat_interleave(H, dim=-3)
+    ),
+    "gqa_expand_reshape": lambda m, q, k, v, keep: (
+        lambda kv: (q @ kv(k).transpose(-2, -1)).softmax(-1) @ kv(v)
+    )(lambda x: x[:, :1, None].expand(B, 1, H, N, D).reshape(B, H, N, D)),
 }
 
 LOOK_ALIKES = {
@@ -140,14 +212,20 @@ def captures(module, args):
     yield "symbolic_trace", torch.fx.symbolic_trace(module)
 
 
-@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize("name", [*ATTENTION, *CAUSAL, *GQA])
 def test_attention_spellings_become_one_sdpa_node(name):
-    module = Spelled(ATTENTION[name]).eval()
+    fn = {**ATTENTION, **CAUSAL, **GQA}[name]
+    module = Spelled(fn).eval()
     args = inputs()
     expected = run(module, args)
     for how, model in captures(module, args):
         res = attnrewrite.rewrite(model, args, method="sdpa")
         assert [s.status for s in res.report.sites] == ["replaced"], (how, res.report)
+        site = res.report.sites[0]
+        assert (site.is_causal, site.mask) == (
+            (True, "causal") if name in CAUSAL else (False, site.mask)
+        )
+        assert site.enable_gqa == (name in GQA), how
         assert count(res.module, spellings.SOFTMAX) == 0, how
         assert count(res.module, spellings.SDPA) == 1, how
         torch.testing.assert_close(run(res.module, args), expected, atol=1e-5, rtol=1e-5)
