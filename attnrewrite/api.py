@@ -47,6 +47,7 @@ def capture(
     model: torch.nn.Module,
     example_inputs: tuple[Any, ...],
     example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
 ) -> torch.fx.GraphModule:
     """An FX graph of `model` with fake values on every node, called like `model`.
 
@@ -64,7 +65,11 @@ def capture(
         return gm
     try:
         exported = torch.export.export(
-            model, tuple(example_inputs), dict(example_kwargs or {}), strict=False
+            model,
+            tuple(example_inputs),
+            dict(example_kwargs or {}),
+            dynamic_shapes=dynamic_shapes,
+            strict=False,
         )
     except Exception as error:
         raise AttnRewriteError(
@@ -82,6 +87,7 @@ def rewrite(
     method: str,
     example_kwargs: Mapping[str, Any] | None = None,
     policy: Policy | None = None,
+    dynamic_shapes: Any = None,
     **options: Any,
 ) -> RewriteResult:
     """Rewrite every attention site of `model` to `method` and report what was done.
@@ -90,10 +96,11 @@ def rewrite(
     default block size is chosen from the run-time length; the report shows it for these shapes).
     options: the method's hyperparameters, e.g. block_size=16, num_steps=2 for "monarch".
     policy: a callable site → reason-to-keep or None, e.g. attnrewrite.Select(layers=[0, 2]).
+    dynamic_shapes: as for torch.export, to keep e.g. batch and sequence dims symbolic.
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     get_method(method).parse_options(options)  # fail before an expensive capture
-    gm = capture(model, example_inputs, example_kwargs)
+    gm = capture(model, example_inputs, example_kwargs, dynamic_shapes)
     report = rewrite_graph(gm, method, options, policy)
     return RewriteResult(module=gm, report=report)

@@ -1,0 +1,6 @@
+"""ONNX for deployment: export rewritten models with each method as an ONNX local function."""
+
+from .export import OnnxExport, OnnxValidationError, export_onnx, onnxruntime_error
+from .functions import DOMAIN
+
+__all__ = ["DOMAIN", "OnnxExport", "OnnxValidationError", "export_onnx", "onnxruntime_error"]

@@ -1,0 +1,183 @@
+"""ONNX local functions for the attention methods, built from their PyTorch bodies.
+
+Each rewritten site becomes one node of domain `attnrewrite` (e.g. `MonarchAttention_b16_T2_…`)
+whose FunctionProto is the method's PyTorch computation exported by torch.onnx itself, so the ONNX
+function and the PyTorch op cannot drift apart. Netron shows one named node per site, onnxruntime
+inlines the function, and no custom op library is needed. One function is built per distinct
+configuration (hyperparameters, dtypes, static dims) and shared by the sites that use it; dims that
+are dynamic in the exported model are dynamic in the function too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+
+DOMAIN = "attnrewrite"
+_OPSET = onnxscript.values.Opset(DOMAIN, 1)
+_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(bool)"]
+_ONNX_TO_TORCH = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+    """What a function body depends on about one input: its dtype and its static dims."""
+
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]  # None: dynamic in the exported model
+
+    @classmethod
+    def of(cls, value: Any) -> TensorLayout:
+        """From a torch.onnx symbolic value (with `.dtype` and `.shape`) or a tensor."""
+        if isinstance(value, torch.Tensor):
+            return cls(value.dtype, tuple(value.shape))
+        dims = tuple(d if isinstance(d, int) else None for d in value.shape)
+        return cls(_ONNX_TO_TORCH[int(value.dtype)], dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionSpec:
+    """One ONNX function: a name prefix, hyperparameters, input layouts and the PyTorch body.
+
+    Inputs are named q, k, v and optionally mask; `cross` says the key length may differ from
+    the query length.
+    """
+
+    prefix: str
+    options: tuple[tuple[str, Any], ...]
+    inputs: tuple[tuple[str, TensorLayout], ...]
+    body: Callable[..., torch.Tensor] = dataclasses.field(compare=False, hash=False)
+    cross: bool = False
+    # Example sequence length for the export: one where every code path of the body is taken
+    # (e.g. Monarch: more than one block and a ragged last block), so nothing specializes.
+    example_length: int = 67
+
+    @property
+    def name(self) -> str:
+        readable = "_".join(f"{k}{v}" for k, v in self.options if k in ("b", "T"))
+        digest = hashlib.sha1(repr((self.options, self.inputs)).encode()).hexdigest()[:8]
+        return "_".join(part for part in (self.prefix, readable, digest) if part)
+
+    def call(self, *values: Any) -> Any:
+        """Emit a node calling this function, from inside a torch.onnx custom translation."""
+        params = [OpSchema.FormalParameter(n, f"T{i}") for i, (n, _) in enumerate(self.inputs)]
+        schema = OpSchema(
+            self.name,
+            DOMAIN,
+            1,
+            inputs=params,
+            outputs=[OpSchema.FormalParameter("out", "T0")],
+            type_constraints=[(f"T{i}", _TYPES, "") for i in range(len(self.inputs))],
+        )
+        return onnxscript.values.Op(_OPSET, self.name, schema)(*values)
+
+    def build(self) -> list[onnx.FunctionProto]:
+        """Export the body and turn its graph into this function (plus any it calls)."""
+        examples, dynamic_shapes = self._examples()
+        body = self.body
+
+        class Body(torch.nn.Module):
+            def forward(self, *args: torch.Tensor) -> torch.Tensor:
+                return body(*args)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                Body(),
+                tuple(examples),
+                dynamo=True,
+                dynamic_shapes=(tuple(dynamic_shapes),),
+                input_names=[name for name, _ in self.inputs],
+                verbose=False,
+            )
+        model = program.model_proto
+        for node in model.graph.node:
+            _forget_branch_shapes(node)
+        constants = [
+            onnx.helper.make_node("Constant", [], [init.name], value=init)
+            for init in model.graph.initializer
+        ]
+        function = onnx.helper.make_function(
+            DOMAIN,
+            self.name,
+            [i.name for i in model.graph.input],
+            [o.name for o in model.graph.output],
+            [*constants, *model.graph.node],
+            list(model.opset_import),
+            doc_string=f"{self.prefix} {dict(self.options)}",
+        )
+        return [function, *model.functions]
+
+    def _symbol(self, name: str, dim_from_right: int) -> str:
+        """The size symbol of a dynamic dim, shared by every input dim of the same size.
+
+        Dims align from the right as in broadcasting: -1 is the head dim (the key length for the
+        mask), -2 the sequence length, the rest batch dims.
+        """
+        key_length = "S" if self.cross else "N"
+        if dim_from_right == -1:
+            return {"v": "Dv", "mask": key_length}.get(name, "D")
+        if dim_from_right == -2:
+            return "N" if name in ("q", "mask") else key_length
+        if dim_from_right == -3 and name in ("k", "v"):
+            return "KVH"  # equals the query heads unless grouped (then static anyway)
+        return f"B{-dim_from_right}"
+
+    def _examples(self) -> tuple[list[torch.Tensor], list[dict[int, Any]]]:
+        """Example inputs (static dims as they are, distinct sizes for dynamic ones) and Dims."""
+        symbols: dict[str, torch.export.Dim] = {}
+        sizes: dict[str, int] = {}
+        fresh = iter(range(3, 1000, 2))
+        sizes.update(N=self.example_length, S=self.example_length + 2)
+        examples, dynamic = [], []
+        for name, layout in self.inputs:
+            shape, spec = [], {}
+            rank = len(layout.shape)
+            for dim, size in enumerate(layout.shape):
+                if size is not None:
+                    shape.append(size)
+                    continue
+                symbol = self._symbol(name, dim - rank)
+                if symbol == "KVH":
+                    symbol = self._symbol("q", dim - rank)
+                if symbol not in symbols:
+                    symbols[symbol] = torch.export.Dim(symbol, min=2)
+                    sizes.setdefault(symbol, next(fresh))
+                shape.append(sizes[symbol])
+                spec[dim] = symbols[symbol]
+            make = torch.ones if layout.dtype == torch.bool else torch.randn
+            examples.append(make(shape, dtype=layout.dtype))
+            dynamic.append(spec)
+        return examples, dynamic
+
+
+def _forget_branch_shapes(node: onnx.NodeProto) -> None:
+    """Drop the declared output shapes of If/Loop branches (keeping element types).
+
+    onnxruntime infers them again when it inlines the function; declared shapes that were
+    computed before inlining can disagree with its renamed values and fail the session.
+    """
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+        for graph in graphs:
+            for output in graph.output:
+                output.type.tensor_type.ClearField("shape")
+            del graph.value_info[:]
+            for inner in graph.node:
+                _forget_branch_shapes(inner)
