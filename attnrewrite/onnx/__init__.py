@@ -2,5 +2,13 @@
 
 from .export import OnnxExport, OnnxValidationError, export_onnx, onnxruntime_error
 from .functions import DOMAIN
+from .fusion import rewrite_onnx
 
-__all__ = ["DOMAIN", "OnnxExport", "OnnxValidationError", "export_onnx", "onnxruntime_error"]
+__all__ = [
+    "DOMAIN",
+    "OnnxExport",
+    "OnnxValidationError",
+    "export_onnx",
+    "onnxruntime_error",
+    "rewrite_onnx",
+]

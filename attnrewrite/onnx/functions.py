@@ -43,11 +43,16 @@ class TensorLayout:
 
     @classmethod
     def of(cls, value: Any) -> TensorLayout:
-        """From a torch.onnx symbolic value (with `.dtype` and `.shape`) or a tensor."""
+        """From a torch.onnx symbolic value or onnx_ir value (`.dtype`, `.shape`) or a tensor."""
+        if isinstance(value, TensorLayout):
+            return value
         if isinstance(value, torch.Tensor):
             return cls(value.dtype, tuple(value.shape))
         dims = tuple(d if isinstance(d, int) else None for d in value.shape)
         return cls(_ONNX_TO_TORCH[int(value.dtype)], dims)
+
+    def permuted(self, perm: tuple[int, ...]) -> TensorLayout:
+        return TensorLayout(self.dtype, tuple(self.shape[i] for i in perm))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
 from ..methods.masks import key_mask_terms
-from ..methods.monarch.reference import monarch_attention_reference
+from ..methods.monarch.reference import default_block_size, monarch_attention_reference
 from .functions import FunctionSpec, TensorLayout
 
 
@@ -94,6 +94,15 @@ def monarch_spec(
 def _monarch_approximation(q, k, v, key_bias, query_weight, **options):
     return monarch_attention_reference(q, k, v, key_bias, query_weight, **options)
 
+
+def _monarch_for_site(q, k, v, mask, scale, seq_len, options) -> FunctionSpec:
+    block_size = options.block_size or default_block_size(seq_len)
+    return monarch_spec(q, k, v, mask, scale, block_size, options.num_steps, options.pad)
+
+
+#: method name → FunctionSpec from (q, k, v, mask, scale, sequence length, parsed options),
+#: for sites found in ONNX graphs
+METHOD_SPECS: dict[str, Callable[..., FunctionSpec]] = {"monarch": _monarch_for_site}
 
 #: custom op → function that builds the FunctionSpec from the op's call arguments
 LOWERINGS: dict[Any, Callable[..., FunctionSpec]] = {

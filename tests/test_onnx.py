@@ -1,0 +1,106 @@
+"""ONNX for deployment: torch → ONNX export with each method as a local function, ONNX → ONNX
+rewriting of plain exported models, dynamic shapes, and look-alikes kept."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import load_minilm
+from hf_zoo import ZOO
+
+import attnrewrite
+from attnrewrite.onnx import DOMAIN, export_onnx, rewrite_onnx
+
+pytestmark = pytest.mark.slow
+STANDARD_DOMAINS = {"", "ai.onnx", DOMAIN}
+
+
+def run(path, feed):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feed.items()})
+
+
+def domains_outside_functions(path) -> set[str]:
+    return {node.domain for node in onnx.load(str(path)).graph.node}
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    return load_minilm(minilm_path, "eager")
+
+
+def test_minilm_monarch_export_with_dynamic_batch_and_length(minilm, minilm_batch, tmp_path):
+    ids, mask = minilm_batch
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=512)
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    path = tmp_path / "minilm_monarch.onnx"
+    out = export_onnx(minilm, (ids, mask), path, method="monarch", block_size=8,
+                      dynamic_shapes=dynamic)  # fmt: skip
+    assert out.max_error <= 1e-4
+    assert len(out.report.replaced) == 6
+    model = onnx.load(str(path))
+    assert [f.name for f in model.functions if f.domain == DOMAIN] == out.functions
+    assert sum(n.domain == DOMAIN for n in model.graph.node) == 6
+    assert domains_outside_functions(path) <= STANDARD_DOMAINS
+    for b, n in ((1, 17), (3, 40)):  # one file, other batch sizes and lengths
+        ids_n = torch.randint(1000, 2000, (b, n))
+        mask_n = torch.ones(b, n, dtype=torch.long)
+        mask_n[-1, n // 2 :] = 0
+        got = run(path, {"input_ids": ids_n, "attention_mask": mask_n})[0]
+        expected = attnrewrite.rewrite(minilm, (ids_n, mask_n), method="monarch", block_size=8)
+        with torch.no_grad():
+            reference = expected.module(ids_n, mask_n).last_hidden_state.numpy()
+        np.testing.assert_allclose(got, reference, atol=1e-4)
+
+
+def test_sdpa_export_of_a_causal_decoder(tmp_path):
+    entry = next(e for e in ZOO if e.name == "gpt2")
+    model, inputs = entry.build("eager"), entry.inputs()
+    for method in ("sdpa", "monarch"):  # causal + padding masks run exact attention in ONNX too
+        out = export_onnx(model, (), tmp_path / f"gpt2_{method}.onnx", method=method,
+                          example_kwargs=inputs)  # fmt: skip
+        assert out.max_error <= 1e-4
+        assert domains_outside_functions(out.path) <= STANDARD_DOMAINS
+
+
+def test_onnx_to_onnx_rewrite_matches_the_torch_rewrite(minilm, minilm_batch, tmp_path):
+    ids, mask = minilm_batch
+    plain = tmp_path / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(minilm, (ids, mask), plain, dynamo=True, verbose=False)
+    rewritten = tmp_path / "rewritten.onnx"
+    report = rewrite_onnx(plain, rewritten, method="monarch", block_size=8)
+    assert [s.status for s in report.sites] == ["replaced"] * 6
+    got = run(rewritten, {"input_ids": ids, "attention_mask": mask})[0]
+    torch_rewrite = attnrewrite.rewrite(minilm, (ids, mask), method="monarch", block_size=8)
+    with torch.no_grad():
+        expected = torch_rewrite.module(ids, mask).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert domains_outside_functions(rewritten) <= STANDARD_DOMAINS
+
+
+class LookAlike(torch.nn.Module):
+    """Softmax over the query axis: not attention, must be kept."""
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-2) @ v
+
+
+def test_onnx_look_alike_is_kept(tmp_path):
+    q = torch.randn(1, 2, 8, 4)
+    plain = tmp_path / "look_alike.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LookAlike(), (q, q, q), plain, dynamo=True, verbose=False)
+    out = tmp_path / "out.onnx"
+    report = rewrite_onnx(plain, out, method="monarch", block_size=4)
+    assert [s.status for s in report.sites] == ["kept"]
+    assert "no attention pattern" in report.sites[0].reason
+    feed = {"q": q, "k": q, "v": q}
+    np.testing.assert_array_equal(run(out, feed)[0], run(plain, feed)[0])
