@@ -134,8 +134,9 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
         return getattr(op, spec.name)(*inputs, _domain=DOMAIN)
 
 
-def _dim(d: Any) -> int | None:
-    return d if isinstance(d, int) else None
+def _dim(d: Any) -> int | str | None:
+    """A static size, or the name of a symbolic one (equal names are equal sizes)."""
+    return d if isinstance(d, int) else getattr(d, "value", None)
 
 
 def _bhsd(shape: tuple, key_format: str) -> tuple:
@@ -154,7 +155,7 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
             f"method {method!r} has no ONNX function; ONNX rewriting supports "
             f"{', '.join(sorted(METHOD_SPECS))}"
         )
-    model = ir.load(str(src))
+    model = ir.from_proto(onnx.load(str(src)))  # with its external data, if any
     report = Report(method=method)
     rule = SoftmaxAttention(method, options, report)
     pattern.RewriteRuleSet([_rule(rule)]).apply_to_model(model)

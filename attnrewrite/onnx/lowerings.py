@@ -25,7 +25,7 @@ def _key_masked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
     *,
     scale: float | None,
     enable_gqa: bool,
@@ -96,6 +96,11 @@ def _monarch_approximation(q, k, v, key_bias, query_weight, **options):
 
 
 def _monarch_for_site(q, k, v, mask, scale, seq_len, options) -> FunctionSpec:
+    if options.block_size is None and not isinstance(seq_len, int):
+        raise UnsupportedInputError(
+            f"the sequence length is dynamic ({seq_len}): pass an explicit block size "
+            "(block_size=..., or --block-size on the command line)"
+        )
     block_size = options.block_size or default_block_size(seq_len)
     return monarch_spec(q, k, v, mask, scale, block_size, options.num_steps, options.pad)
 

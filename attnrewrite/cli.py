@@ -1,0 +1,160 @@
+"""The `attnrewrite` command line (also `python -m attnrewrite`).
+
+    attnrewrite onnx IN.onnx OUT.onnx --method monarch --block-size 16
+    attnrewrite report IN.onnx --method monarch
+    attnrewrite bench IN.onnx OUT.onnx --seq-lens 128 256 512
+
+Exit codes: 0 success, 1 a check failed (e.g. onnxruntime disagrees), 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import AttnRewriteError, OptionError
+from .methods import METHODS
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _option_parser(annotation: Any):
+    """A string → value converter for a method option's type (int, str, tuples of ints)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    if typing.get_origin(base) is tuple:
+        return lambda text: tuple(int(part) for part in text.split(","))
+    return base if base in (int, float, str) else str
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="monarch", choices=sorted(METHODS),
+                        help="attention method to put in place of softmax attention")  # fmt: skip
+    seen: set[str] = set()
+    for method in METHODS.values():
+        hints = typing.get_type_hints(method.options_type)
+        for field in dataclasses.fields(method.options_type):
+            if field.name in seen:
+                continue
+            seen.add(field.name)
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                dest=f"option_{field.name}",
+                metavar=field.name.upper(),
+                type=_option_parser(hints[field.name]),
+                default=None,
+                help=f"{method.name} option {field.name} (default: {field.default})",
+            )
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options given on the command line; the method checks names and values."""
+    return {
+        key.removeprefix("option_"): value
+        for key, value in vars(args).items()
+        if key.startswith("option_") and value is not None
+    }
+
+
+def _rewrite(args: argparse.Namespace, destination: Path) -> Any:
+    from .onnx import rewrite_onnx
+
+    return rewrite_onnx(args.input, destination, method=args.method, **_method_options(args))
+
+
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    report = _rewrite(args, args.output)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = _rewrite(args, Path(tmp) / "rewritten.onnx")
+    print(report.to_json() if args.json else report)
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .onnx.bench import compare_latency
+
+    rows = compare_latency(args.original, args.rewritten, args.seq_lens, batch=args.batch,
+                           repeats=args.repeats, progress=True)  # fmt: skip
+    print(f"{'seq_len':>8} {'original ms':>12} {'rewritten ms':>13} {'speedup':>8}")
+    for row in rows:
+        print(f"{row['seq_len']:>8} {row['original_ms']:>12.2f} {row['rewritten_ms']:>13.2f} "
+              f"{row['speedup']:>7.2f}×")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnrewrite",
+        description="Find softmax attention in ONNX models and replace it with a faster method "
+        "(as ONNX local functions in standard ops: no custom op library needed).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    onnx_cmd = commands.add_parser("onnx", help="rewrite the attention of an .onnx file")
+    onnx_cmd.add_argument("input", type=Path, help="the .onnx model to read")
+    onnx_cmd.add_argument("output", type=Path, help="where to write the rewritten model")
+    onnx_cmd.add_argument("--json", help="also write the report as JSON to this file")
+    _add_method_options(onnx_cmd)
+    onnx_cmd.set_defaults(run=_cmd_onnx)
+
+    report_cmd = commands.add_parser(
+        "report", help="list the attention sites of an .onnx file and what a rewrite would do"
+    )
+    report_cmd.add_argument("input", type=Path, help="the .onnx model to inspect")
+    report_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_method_options(report_cmd)
+    report_cmd.set_defaults(run=_cmd_report)
+
+    bench_cmd = commands.add_parser(
+        "bench", help="onnxruntime latency of an original vs a rewritten model over lengths"
+    )
+    bench_cmd.add_argument("original", type=Path, help="the original .onnx model")
+    bench_cmd.add_argument("rewritten", type=Path, help="the rewritten .onnx model")
+    bench_cmd.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=[128, 256, 512],
+        help="sequence lengths (the models need a dynamic length axis)",
+    )
+    bench_cmd.add_argument("--batch", type=int, default=1, help="batch size")
+    bench_cmd.add_argument("--repeats", type=int, default=10, help="timed runs (median)")
+    bench_cmd.add_argument("--json", help="also write the table as JSON to this file")
+    bench_cmd.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for path in (getattr(args, name, None) for name in ("input", "original", "rewritten")):
+        if path is not None and not path.exists():
+            print(f"attnrewrite: error: {path} does not exist", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return args.run(args)
+    except (OptionError, ValueError) as error:
+        print(f"attnrewrite: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except AttnRewriteError as error:
+        print(f"attnrewrite: check failed: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
