@@ -34,8 +34,12 @@ def _option_parser(annotation: Any):
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="monarch", choices=sorted(METHODS),
-                        help="attention method to put in place of softmax attention")  # fmt: skip
+    parser.add_argument(
+        "--method",
+        default="monarch",
+        choices=sorted(METHODS),
+        help="attention method to put in place of softmax attention",
+    )
     seen: set[str] = set()
     for method in METHODS.values():
         hints = typing.get_type_hints(method.options_type)
@@ -87,12 +91,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .onnx.bench import compare_latency
 
-    rows = compare_latency(args.original, args.rewritten, args.seq_lens, batch=args.batch,
-                           repeats=args.repeats, progress=True)  # fmt: skip
+    rows = compare_latency(
+        args.original,
+        args.rewritten,
+        args.seq_lens,
+        batch=args.batch,
+        repeats=args.repeats,
+        progress=True,
+    )
     print(f"{'seq_len':>8} {'original ms':>12} {'rewritten ms':>13} {'speedup':>8}")
     for row in rows:
-        print(f"{row['seq_len']:>8} {row['original_ms']:>12.2f} {row['rewritten_ms']:>13.2f} "
-              f"{row['speedup']:>7.2f}×")  # fmt: skip
+        print(
+            f"{row['seq_len']:>8} {row['original_ms']:>12.2f} {row['rewritten_ms']:>13.2f} "
+            f"{row['speedup']:>7.2f}×"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return EXIT_OK

@@ -11,9 +11,12 @@ from .methods import get_method
 
 
 def check_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
     enable_gqa: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Raise UnsupportedInputError naming the problem for inputs SDPA's contract rules out."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):

@@ -44,8 +44,17 @@ class Report:
             else:
                 details = s.reason
             mask = s.mask if s.mask_shape is None else f"{s.mask} {_shape(s.mask_shape)}"
-            rows.append((s.name, "-" if s.layer is None else str(s.layer), s.spelling, s.status,
-                         _shape(s.q_shape), mask, details))  # fmt: skip
+            rows.append(
+                (
+                    s.name,
+                    "-" if s.layer is None else str(s.layer),
+                    s.spelling,
+                    s.status,
+                    _shape(s.q_shape),
+                    mask,
+                    details,
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]

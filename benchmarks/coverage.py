@@ -62,12 +62,16 @@ def model_rows() -> list[dict]:
                 options = {"method": "sdpa", "inner": "eager"}
                 torch.compile(model, backend="attnrewrite", options=options)(**kwargs)
             compiled = [s for r in attnrewrite.backend.reports for s in r.sites]
-            rows.append({
-                "model": entry.name, "attn_implementation": impl, "layers": entry.attention_layers,
-                "found_rewrite": len(res.report.replaced),
-                "found_compile": sum(s.status == "replaced" for s in compiled),
-                "max_error": error,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": entry.name,
+                    "attn_implementation": impl,
+                    "layers": entry.attention_layers,
+                    "found_rewrite": len(res.report.replaced),
+                    "found_compile": sum(s.status == "replaced" for s in compiled),
+                    "max_error": error,
+                }
+            )
     return rows
 
 
@@ -82,8 +86,9 @@ def markdown(spellings: list[dict], models: list[dict]) -> str:
     ]
     for r in spellings:
         expected = "found" if r["attention"] else "kept (look-alike)"
-        lines.append(f"| `{r['spelling']}` | {expected} | {ok[r['export']]} | "
-                     f"{ok[r['symbolic_trace']]} |")  # fmt: skip
+        lines.append(
+            f"| `{r['spelling']}` | {expected} | {ok[r['export']]} | {ok[r['symbolic_trace']]} |"
+        )
     lines += [
         "",
         "| architecture | attn_implementation | found by rewrite | found by torch.compile "
@@ -97,8 +102,11 @@ def markdown(spellings: list[dict], models: list[dict]) -> str:
         )
     found = sum(r["export"] and r["symbolic_trace"] for r in spellings)
     hf = sum(r["found_rewrite"] == r["found_compile"] == r["layers"] for r in models)
-    lines += ["", f"Spellings handled as expected: {found}/{len(spellings)}; model configurations "
-              f"with every attention layer found: {hf}/{len(models)}."]  # fmt: skip
+    lines += [
+        "",
+        f"Spellings handled as expected: {found}/{len(spellings)}; model configurations "
+        f"with every attention layer found: {hf}/{len(models)}.",
+    ]
     return "\n".join(lines)
 
 

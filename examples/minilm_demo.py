@@ -58,12 +58,14 @@ def main() -> None:
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
     # Long inputs: repeat each text until it fills the window, as a long document would.
     texts = [" ".join([t] * 40) for t in TEXTS]
-    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=args.seq_len,
-                      return_tensors="pt")  # fmt: skip
+    batch = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=args.seq_len, return_tensors="pt"
+    )
     inputs = (batch["input_ids"], batch["attention_mask"])
 
-    result = attnrewrite.rewrite(model, inputs, method="monarch", block_size=args.block_size,
-                                 num_steps=args.num_steps)  # fmt: skip
+    result = attnrewrite.rewrite(
+        model, inputs, method="monarch", block_size=args.block_size, num_steps=args.num_steps
+    )
     print(result.report, end="\n\n")
 
     with torch.no_grad():
@@ -74,8 +76,10 @@ def main() -> None:
     cosine = torch.nn.functional.cosine_similarity(original, rewritten)
     print(f"embedding cosine vs original (per text): {[round(c, 4) for c in cosine.tolist()]}")
     print(f"mean cosine: {cosine.mean():.4f}")
-    print(f"time per batch ({len(texts)}×{args.seq_len} tokens, CPU, median of {args.repeats}): "
-          f"original {t_original * 1e3:.1f} ms, monarch {t_rewritten * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"time per batch ({len(texts)}×{args.seq_len} tokens, CPU, median of {args.repeats}): "
+        f"original {t_original * 1e3:.1f} ms, monarch {t_rewritten * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -425,8 +425,9 @@ def _emit_sdpa(
 
 def _site_for(node: torch.fx.Node, spelling: str) -> AttentionSite:
     path = module_path(node)
-    return AttentionSite(name=path or node.name, node=node.name, layer=layer_index(path),
-                         spelling=spelling)  # fmt: skip
+    return AttentionSite(
+        name=path or node.name, node=node.name, layer=layer_index(path), spelling=spelling
+    )
 
 
 def describe_sdpa_site(site: AttentionSite, node: torch.fx.Node) -> None:

@@ -108,8 +108,9 @@ def test_report_names_layers_and_serializes():
 def test_select_policy_keeps_unselected_layers_exact():
     model = TwoLayers()
     x = torch.randn(2, 16, 8)
-    res = attnrewrite.rewrite(model, (x,), method="monarch", block_size=4,
-                              policy=attnrewrite.Select(layers=[1]))  # fmt: skip
+    res = attnrewrite.rewrite(
+        model, (x,), method="monarch", block_size=4, policy=attnrewrite.Select(layers=[1])
+    )
     assert [s.status for s in res.report.sites] == ["kept", "replaced"]
     assert "not in the selected layers" in res.report.sites[0].reason
     with pytest.raises(attnrewrite.OptionError, match="list of glob patterns"):

@@ -93,6 +93,7 @@ def test_backend_in_process_with_eager_inner_matches_rewrite():
     options = {"method": "monarch", "block_size": 8, "num_steps": 1, "inner": "eager"}
     torch._dynamo.reset()
     compiled = torch.compile(Attention(), backend="attnrewrite", options=options, fullgraph=True)
-    expected = attnrewrite.attention(q, k, v, scale=0.125, method="monarch", block_size=8,
-                                     num_steps=1)  # fmt: skip
+    expected = attnrewrite.attention(
+        q, k, v, scale=0.125, method="monarch", block_size=8, num_steps=1
+    )
     torch.testing.assert_close(compiled(q, k, v), expected)

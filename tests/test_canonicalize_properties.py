@@ -14,8 +14,14 @@ from hypothesis import strategies as st
 import attnrewrite
 
 B, H, N, D = 2, 4, 6, 8
-MUTATIONS = ("softmax_over_queries", "probabilities_squared", "probabilities_also_returned",
-             "probabilities_transposed", "scale_per_query_and_key", "inexact_fill")  # fmt: skip
+MUTATIONS = (
+    "softmax_over_queries",
+    "probabilities_squared",
+    "probabilities_also_returned",
+    "probabilities_transposed",
+    "scale_per_query_and_key",
+    "inexact_fill",
+)
 
 
 @dataclasses.dataclass(frozen=True)

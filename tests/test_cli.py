@@ -30,8 +30,14 @@ def small_onnx(tmp_path_factory):
     seq = torch.export.Dim("seq", min=2, max=256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Attention().eval(), (torch.randn(1, 24, 16),), path, dynamo=True,
-                          dynamic_shapes=({1: seq},), verbose=False)  # fmt: skip
+        torch.onnx.export(
+            Attention().eval(),
+            (torch.randn(1, 24, 16),),
+            path,
+            dynamo=True,
+            dynamic_shapes=({1: seq},),
+            verbose=False,
+        )
     return path
 
 
@@ -45,8 +51,18 @@ def test_onnx_report_and_bench_commands(small_onnx, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '"num_steps": 1' in printed
     bench_json = tmp_path / "bench.json"
-    argv = ["bench", str(small_onnx), str(out), "--seq-lens", "16", "40", "--repeats", "2",
-            "--json", str(bench_json)]  # fmt: skip
+    argv = [
+        "bench",
+        str(small_onnx),
+        str(out),
+        "--seq-lens",
+        "16",
+        "40",
+        "--repeats",
+        "2",
+        "--json",
+        str(bench_json),
+    ]
     assert main(argv) == EXIT_OK
     rows = json.loads(bench_json.read_text())
     assert [r["seq_len"] for r in rows] == [16, 40]
@@ -62,14 +78,20 @@ def test_onnx_report_and_bench_commands(small_onnx, tmp_path, capsys):
     ],
 )
 def test_errors_name_the_problem_and_exit_2(argv, message, small_onnx, tmp_path, capsys):
-    argv = [a.replace("{model}", str(small_onnx)).replace("out.onnx", str(tmp_path / "o.onnx"))
-            for a in argv]  # fmt: skip
+    argv = [
+        a.replace("{model}", str(small_onnx)).replace("out.onnx", str(tmp_path / "o.onnx"))
+        for a in argv
+    ]
     assert main(argv) == EXIT_USAGE
     assert message in capsys.readouterr().err
 
 
 def test_python_dash_m_and_help():
-    result = subprocess.run([sys.executable, "-m", "attnrewrite", "onnx", "--help"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "attnrewrite", "onnx", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
     assert "--block-size" in result.stdout and "--method" in result.stdout

@@ -40,9 +40,11 @@ def test_minilm_monarch_one_block_is_exact_and_small_blocks_approximate(minilm_p
         expected = mean_pool(model(ids, mask).last_hidden_state, mask)
         exact = attnrewrite.rewrite(model, (ids, mask), method="monarch", block_size=n)
         torch.testing.assert_close(
-            mean_pool(exact.module(ids, mask).last_hidden_state, mask), expected,
-            atol=1e-5, rtol=1e-5,
-        )  # fmt: skip
+            mean_pool(exact.module(ids, mask).last_hidden_state, mask),
+            expected,
+            atol=1e-5,
+            rtol=1e-5,
+        )
         approx = attnrewrite.rewrite(model, (ids, mask), method="monarch", block_size=8)
         got = mean_pool(approx.module(ids, mask).last_hidden_state, mask)
     assert len(approx.report.replaced) == 6

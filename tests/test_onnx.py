@@ -39,8 +39,9 @@ def test_minilm_monarch_export_with_dynamic_batch_and_length(minilm, minilm_batc
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=512)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
     path = tmp_path / "minilm_monarch.onnx"
-    out = export_onnx(minilm, (ids, mask), path, method="monarch", block_size=8,
-                      dynamic_shapes=dynamic)  # fmt: skip
+    out = export_onnx(
+        minilm, (ids, mask), path, method="monarch", block_size=8, dynamic_shapes=dynamic
+    )
     assert out.max_error <= 1e-4
     assert len(out.report.replaced) == 6
     model = onnx.load(str(path))
@@ -62,8 +63,9 @@ def test_sdpa_export_of_a_causal_decoder(tmp_path):
     entry = next(e for e in ZOO if e.name == "gpt2")
     model, inputs = entry.build("eager"), entry.inputs()
     for method in ("sdpa", "monarch"):  # causal + padding masks run exact attention in ONNX too
-        out = export_onnx(model, (), tmp_path / f"gpt2_{method}.onnx", method=method,
-                          example_kwargs=inputs)  # fmt: skip
+        out = export_onnx(
+            model, (), tmp_path / f"gpt2_{method}.onnx", method=method, example_kwargs=inputs
+        )
         assert out.max_error <= 1e-4
         assert domains_outside_functions(out.path) <= STANDARD_DOMAINS
 

@@ -66,6 +66,13 @@ def compare_latency(
     for seq_len in tqdm(seq_lens, desc="onnxruntime latency", disable=not progress):
         feed = _feed(sessions[0], batch, seq_len, rng)
         first, second = (median_latency_ms(s, feed, repeats) for s in sessions)
-        rows.append({"seq_len": seq_len, "batch": batch, "original_ms": first,
-                     "rewritten_ms": second, "speedup": first / second})  # fmt: skip
+        rows.append(
+            {
+                "seq_len": seq_len,
+                "batch": batch,
+                "original_ms": first,
+                "rewritten_ms": second,
+                "speedup": first / second,
+            }
+        )
     return rows

@@ -100,8 +100,15 @@ def export_onnx(
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    result = rewrite(model, example_inputs, method=method, example_kwargs=kwargs, policy=policy,
-                     dynamic_shapes=dynamic_shapes, **options)  # fmt: skip
+    result = rewrite(
+        model,
+        example_inputs,
+        method=method,
+        example_kwargs=kwargs,
+        policy=policy,
+        dynamic_shapes=dynamic_shapes,
+        **options,
+    )
     module = result.module
     _fix_block_sizes(module)
     specs: dict[str, FunctionSpec] = {}

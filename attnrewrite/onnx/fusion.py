@@ -54,8 +54,9 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale):
         key_bhsd = op.Transpose(key, perm=[0, 1, 3, 2])
-        key_3d = op.Reshape(op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]),
-                            pattern.ANY_VALUE)  # fmt: skip
+        key_3d = op.Reshape(
+            op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE
+        )
         key_bshd = op.Transpose(key, perm=[0, 2, 3, 1])
         key_transposed = pattern.OrValue(
             [key_bhsd, key_3d, key_bshd], tag_var="key_format", tag_values=["BHSd", "BHSd", "BSHd"]
@@ -65,8 +66,9 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
             _scaled(op, key_transposed, key_scale, "key_scaling"),
         )
         scores = _scaled(op, scores, qk_scale, "qk_scaling")
-        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask",
-                                 tag_values=[True, False])  # fmt: skip
+        scores = pattern.OrValue(
+            [op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False]
+        )
         probabilities = op.Softmax(scores, axis=-1)
         guarded = op.Where(op.IsNaN(probabilities), 0.0, probabilities)
         return op.MatMul(pattern.OrValue([guarded, probabilities]), value)
@@ -74,8 +76,11 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
     def check(self, context, query, key, value, mask, key_format, **bindings):
         result = pattern.MatchResult()
         scale = 1.0
-        for tag, name in (("query_scaling", "query_scale"), ("key_scaling", "key_scale"),
-                          ("qk_scaling", "qk_scale")):  # fmt: skip
+        for tag, name in (
+            ("query_scaling", "query_scale"),
+            ("key_scaling", "key_scale"),
+            ("qk_scaling", "qk_scale"),
+        ):
             kind = bindings.get(tag, "None")
             if kind == "None":
                 continue
@@ -87,11 +92,15 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
         if any(s is None or len(s) != 4 for s in shapes):
             return result.fail("query, key and value must be rank-4 with known ranks")
         site = AttentionSite(
-            name=value.name or "attention", node=value.name or "", layer=None, spelling="onnx",
+            name=value.name or "attention",
+            node=value.name or "",
+            layer=None,
+            spelling="onnx",
             q_shape=tuple(_dim(d) for d in query.shape),
             k_shape=_bhsd(tuple(_dim(d) for d in key.shape), key_format),
-            v_shape=tuple(_dim(d) for d in value.shape), scale=scale,
-        )  # fmt: skip
+            v_shape=tuple(_dim(d) for d in value.shape),
+            scale=scale,
+        )
         site.mask = "none" if mask is None else "full"
         if mask is not None and mask.shape is not None and len(mask.shape) >= 2:
             site.mask_shape = tuple(_dim(d) for d in mask.shape)
@@ -113,8 +122,9 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
             key_layout = TensorLayout.of(key)
             if key_format == "BSHd":  # the function takes K as (B, H, S, d)
                 key_layout = key_layout.permuted((0, 2, 1, 3))
-            self._spec = METHOD_SPECS[self.method](query, key_layout, value, mask, scale,
-                                                   site.q_len, parsed)  # fmt: skip
+            self._spec = METHOD_SPECS[self.method](
+                query, key_layout, value, mask, scale, site.q_len, parsed
+            )
         except Exception as error:
             site.keep(f"cannot build the {self.method} function: {error}")
             self.report.sites.append(site)
@@ -163,8 +173,9 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
     reported = {site.node for site in report.sites}
     for node in model.graph:
         if node.op_type == "Softmax" and node.domain == "" and node.outputs[0].name not in reported:
-            site = AttentionSite(name=node.name, node=node.outputs[0].name, layer=None,
-                                 spelling="onnx")  # fmt: skip
+            site = AttentionSite(
+                name=node.name, node=node.outputs[0].name, layer=None, spelling="onnx"
+            )
             site.keep(
                 "not rewritten: no attention pattern around this Softmax (scores from "
                 "MatMul(Q, Kᵀ), softmax over the last axis, only user a MatMul with V)"

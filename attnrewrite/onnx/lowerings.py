@@ -81,14 +81,20 @@ def monarch_spec(
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
     if attn_mask is not None:
         inputs.append(("mask", TensorLayout.of(attn_mask)))
-    options = (("b", block_size), ("T", num_steps), ("pad", pad), ("scale", scale),
-               ("gqa", enable_gqa))  # fmt: skip
+    options = (
+        ("b", block_size),
+        ("T", num_steps),
+        ("pad", pad),
+        ("scale", scale),
+        ("gqa", enable_gqa),
+    )
     body = functools.partial(_key_masked, approximate, scale=scale, enable_gqa=enable_gqa)
     # More than one block, and a ragged last one: the export then keeps padding and block count
     # symbolic instead of specializing them.
     example_length = 2 * block_size + (3 if block_size > 3 else 1)
-    return FunctionSpec("MonarchAttention", options, tuple(inputs), body,
-                        example_length=example_length)  # fmt: skip
+    return FunctionSpec(
+        "MonarchAttention", options, tuple(inputs), body, example_length=example_length
+    )
 
 
 def _monarch_approximation(q, k, v, key_bias, query_weight, **options):
