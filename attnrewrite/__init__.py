@@ -1,6 +1,7 @@
 """attnrewrite: find softmax attention in any PyTorch model and swap it for a faster operator."""
 
 from .api import RewriteResult, capture, rewrite
+from .budget import ErrorBudget
 from .errors import AttnRewriteError, OptionError, UnsupportedInputError
 from .functional import attention
 from .methods import METHODS, get_method, register_method
@@ -12,6 +13,7 @@ __all__ = [
     "METHODS",
     "AttentionSite",
     "AttnRewriteError",
+    "ErrorBudget",
     "OptionError",
     "Report",
     "RewriteResult",

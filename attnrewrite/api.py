@@ -34,11 +34,18 @@ def rewrite_graph(
     method: str,
     options: Mapping[str, Any] | None = None,
     policy: Policy | None = None,
+    example_calls: list[tuple[tuple, dict]] | None = None,
 ) -> Report:
-    """Run canonicalize and substitute on `gm` in place (its nodes must carry fake values)."""
+    """Run canonicalize and substitute on `gm` in place (its nodes must carry fake values).
+
+    A policy with a `plan` method (ErrorBudget) measures the canonical graph first, on its own
+    calibration calls or on `example_calls`.
+    """
     attention_method = get_method(method)
     parsed = attention_method.parse_options(options or {})
     sites = canonicalize(gm)
+    if hasattr(policy, "plan"):
+        policy.plan(gm, sites, attention_method, parsed, example_calls or [])
     substitute(gm, sites, attention_method, parsed, policy)
     return Report(method=method, sites=sites)
 
@@ -102,5 +109,6 @@ def rewrite(
         example_inputs = (example_inputs,)
     get_method(method).parse_options(options)  # fail before an expensive capture
     gm = capture(model, example_inputs, example_kwargs, dynamic_shapes)
-    report = rewrite_graph(gm, method, options, policy)
+    calls = [(tuple(example_inputs), dict(example_kwargs or {}))]
+    report = rewrite_graph(gm, method, options, policy, example_calls=calls)
     return RewriteResult(module=gm, report=report)

@@ -55,7 +55,13 @@ def attnrewrite_backend(
 ) -> Callable[..., Any]:
     """Dynamo backend: rewrite attention, then compile with Inductor (or run eagerly)."""
     method, method_options, policy, inner = parse_backend_options(options)
-    report = rewrite_graph(gm, method, method_options, policy)
+    if getattr(policy, "calibration", None) is not None:
+        raise OptionError(
+            "in torch.compile, ErrorBudget measures on the compiled call's own inputs: pass "
+            "calibration=None (or use attnrewrite.rewrite to calibrate on other inputs)"
+        )
+    calls = [(tuple(example_inputs), {})]
+    report = rewrite_graph(gm, method, method_options, policy, example_calls=calls)
     reports.append(report)
     log.info("attnrewrite backend: %s", report.summary())
     if inner == "eager":

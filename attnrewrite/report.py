@@ -43,6 +43,10 @@ class Report:
                 details = ", ".join(f"{k}={v}" for k, v in s.options.items())
             else:
                 details = s.reason
+            if s.measured_error is not None:
+                details += (
+                    f" [alone: error {s.measured_error:.3g}, saves {s.flops_saved:.3g} FLOPs]"
+                )
             mask = s.mask if s.mask_shape is None else f"{s.mask} {_shape(s.mask_shape)}"
             rows.append(
                 (

@@ -51,6 +51,8 @@ class AttentionSite:
     dropout_p: float = 0.0
     enable_gqa: bool = False
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    measured_error: float | None = None  # model error with this site alone replaced (budget)
+    flops_saved: int | None = None  # attention FLOPs saved by replacing it (budget)
     sdpa: SDPAArgs | None = dataclasses.field(default=None, repr=False, compare=False)
     sdpa_node: torch.fx.Node | None = dataclasses.field(default=None, repr=False, compare=False)
 

@@ -23,24 +23,30 @@ def substitute(
     options: MethodOptions,
     policy: Policy | None = None,
 ) -> None:
-    """Replace the selected, supported sites in place and mark every site replaced or kept."""
+    """Replace the selected, supported sites in place and mark every site replaced or kept.
+
+    A policy may also choose per-site options through a `site_options(site) -> dict` method.
+    """
     changed = False
+    overrides = getattr(policy, "site_options", None)
     for site in sites:
         if site.status != "found":
             continue
+        chosen = overrides(site) if overrides is not None else {}
+        site_options = method.parse_options({**options.as_dict(), **chosen}) if chosen else options
         reason = policy(site) if policy is not None else None
-        reason = reason or method.unsupported_reason(site, options)
+        reason = reason or method.unsupported_reason(site, site_options)
         if reason:
             site.keep(reason)
             continue
         site.method = method.name
-        site.options = method.site_options(site, options)
+        site.options = method.site_options(site, site_options)
         site.status = "replaced"
         old = site.sdpa_node
-        args, kwargs = method.graph_arguments(site, options)
+        args, kwargs = method.graph_arguments(site, site_options)
         if old.target is method.graph_target() and old.args == args and old.kwargs == kwargs:
             continue
-        new = method.insert(gm, site, options)
+        new = method.insert(gm, site, site_options)
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
         gm.graph.erase_node(old)

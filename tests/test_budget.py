@@ -1,0 +1,95 @@
+"""ErrorBudget: measured per-site errors, greedy selection within the budget on calibration data,
+and the budget holding on held-out inputs within a stated slack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_zoo import ZOO
+
+import attnrewrite
+from attnrewrite.budget import relative_error
+
+
+class Embedder(torch.nn.Module):
+    """A small BERT returning mean-pooled embeddings: the output whose error the budget bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = next(e for e in ZOO if e.name == "bert").build("eager")
+        with torch.no_grad():  # sharpen the random model's attention so approximations show
+            for layer in self.bert.encoder.layer:
+                layer.attention.self.query.weight.mul_(6)
+                layer.attention.self.key.weight.mul_(6)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask[..., None].to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def batch(seed: int, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 99, (4, n), generator=g), torch.ones(4, n, dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Embedder().eval()
+
+
+def model_error(model, res, inputs):
+    with torch.no_grad():
+        return relative_error([res.module(*inputs).double()], [model(*inputs).double()])
+
+
+@pytest.mark.parametrize("max_error", [0.0, 0.02, 0.1, float("inf")])
+def test_budget_holds_on_calibration_and_held_out_inputs(model, max_error):
+    calibration, held_out = [batch(1), batch(2)], batch(3)
+    policy = attnrewrite.ErrorBudget(max_error, calibration=calibration)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=policy)
+    replaced = res.report.replaced
+    assert all(s.measured_error is not None and s.flops_saved > 0 for s in res.report.sites)
+    calibration_error = relative_error(
+        [res.module(*c).double() for c in calibration], [model(*c).double() for c in calibration]
+    )
+    rounding = 1e-6  # the budget is measured against the canonical (SDPA) form of the model
+    assert calibration_error <= max_error + rounding
+    # Stated slack: on held-out inputs of the same distribution, within 2× the budget.
+    assert model_error(model, res, held_out) <= 2 * max_error + rounding
+    if max_error == 0.0:
+        assert replaced == []
+    if max_error == float("inf"):
+        assert len(replaced) == 2
+    for site in res.report.kept:
+        assert site.reason.startswith("policy:")
+
+
+def test_budget_picks_per_site_options_from_candidates(model):
+    candidates = [{"block_size": 8}, {"block_size": 16, "num_steps": 1}]
+    policy = attnrewrite.ErrorBudget(float("inf"), calibration=batch(1), candidates=candidates)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", policy=policy)
+    # each site gets the candidate with the most FLOPs saved per unit of its measured error
+    for site in res.report.replaced:
+        ratios = {}
+        for overrides in candidates:
+            alone = attnrewrite.rewrite(
+                model,
+                batch(0),
+                method="monarch",
+                **overrides,
+                policy=attnrewrite.Select(layers=[site.layer]),
+            )
+            error = model_error(model, alone, batch(1))
+            options = alone.report.sites[site.layer].options
+            saved = attnrewrite.flops.flops_saved(site, "monarch", options)
+            ratios[options["block_size"]] = saved / error
+        assert site.options["block_size"] == max(ratios, key=ratios.get)
+
+
+def test_budget_options_are_checked():
+    with pytest.raises(attnrewrite.OptionError, match="max_error must be ≥ 0"):
+        attnrewrite.ErrorBudget(-1.0)
+    with pytest.raises(attnrewrite.OptionError, match="calibration must be a tuple"):
+        attnrewrite.budget._calls([torch.ones(2)])
