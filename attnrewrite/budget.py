@@ -53,7 +53,7 @@ def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> flo
     return (num / den) ** 0.5 if den > 0 else float(num > 0)
 
 
-def _clone(
+def clone_with_sites(
     gm: torch.fx.GraphModule, sites: list[AttentionSite]
 ) -> tuple[torch.fx.GraphModule, list[AttentionSite]]:
     """A copy of the graph (parameters shared) and of the sites, pointing at the copied nodes."""
@@ -126,7 +126,7 @@ class ErrorBudget:
         exact = _outputs(gm, calls)
 
         def error_with(choice: dict[int, dict[str, Any]]) -> float:
-            clone, copies = _clone(gm, sites)
+            clone, copies = clone_with_sites(gm, sites)
             chosen = {id(copies[i]): overrides for i, overrides in choice.items()}
             selected = _Selected(chosen)
             substitute(clone, [copies[i] for i in choice], method, options, selected)
