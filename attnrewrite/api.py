@@ -44,10 +44,37 @@ def rewrite_graph(
     attention_method = get_method(method)
     parsed = attention_method.parse_options(options or {})
     sites = canonicalize(gm)
+    probe_masks(gm, sites, example_calls or [])
     if hasattr(policy, "plan"):
         policy.plan(gm, sites, attention_method, parsed, example_calls or [])
     substitute(gm, sites, attention_method, parsed, policy)
     return Report(method=method, sites=sites)
+
+
+def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, dict]]) -> None:
+    """Mark full masks that differ between queries on the example inputs as "general".
+
+    A (…, N, N) mask cannot be proven a key-padding mask from the graph; running the graph once
+    on the example inputs can prove it is not one (causal + padding, position biases), so methods
+    that honor key masks only keep such sites at rewrite time instead of falling back at run time.
+    """
+    targets = {s.sdpa.attn_mask: s for s in sites if s.mask == "full" and s.sdpa is not None}
+    if not targets or not calls or not hasattr(gm, "_in_spec"):
+        return
+    import torch.fx._pytree as fx_pytree
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            value = super().run_node(node)
+            if node in targets and isinstance(value, torch.Tensor):
+                rows_equal = bool((value == value[..., :1, :]).all())
+                if not rows_equal:
+                    targets[node].mask = "general"
+            return value
+
+    for args, kwargs in calls:
+        with torch.no_grad():
+            Probe(gm).run(*fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec))
 
 
 def capture(

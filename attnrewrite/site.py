@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 import torch.fx
 
-MaskKind = Literal["none", "key", "full", "causal"]
+# "full": (…, N, N), a key-padding mask only if its rows are equal (checked at run time);
+# "general": a full mask whose rows differ on the example inputs (causal + padding, biases).
+MaskKind = Literal["none", "key", "full", "general", "causal"]
 Status = Literal["found", "replaced", "kept"]
 
 

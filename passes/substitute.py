@@ -6,6 +6,7 @@ reason: the pass never trades a site for an operator that computes a different f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch.fx
@@ -35,6 +36,11 @@ def substitute(
         chosen = overrides(site) if overrides is not None else {}
         site_options = method.parse_options({**options.as_dict(), **chosen}) if chosen else options
         reason = policy(site) if policy is not None else None
+        if method.key_masks_only and site.mask == "general":
+            reason = reason or (
+                f"the mask varies between queries on the example inputs (causal or a bias); "
+                f"{method.name} honors key-padding masks only"
+            )
         reason = reason or method.unsupported_reason(site, site_options)
         if reason:
             site.keep(reason)
@@ -51,7 +57,20 @@ def substitute(
         old.replace_all_uses_with(new)
         gm.graph.erase_node(old)
         site.sdpa_node = new
+        _forward_references(sites, old, new)
         changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()
+
+
+def _forward_references(sites: list[AttentionSite], old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Sites whose inputs are another site's output (stacked attention) now read the new node."""
+    for site in sites:
+        if site.sdpa is None:
+            continue
+        fields = {f.name: getattr(site.sdpa, f.name) for f in dataclasses.fields(site.sdpa)}
+        if any(value is old for value in fields.values()):
+            site.sdpa = dataclasses.replace(
+                site.sdpa, **{k: new for k, value in fields.items() if value is old}
+            )

@@ -28,7 +28,7 @@ def test_sdpa_method_is_exact_attention():
 
 def test_unknown_method_and_options_list_the_valid_ones():
     q, k, v = qkv()
-    with pytest.raises(attnrewrite.OptionError, match="valid methods: monarch, sdpa"):
+    with pytest.raises(attnrewrite.OptionError, match="valid methods: hsa, monarch, sdpa"):
         attnrewrite.attention(q, k, v, method="linformer")
     with pytest.raises(attnrewrite.OptionError, match="valid options: block_size, num_steps, pad"):
         attnrewrite.attention(q, k, v, method="monarch", steps=2)
@@ -124,3 +124,14 @@ def test_monarch_rewrite_is_trainable():
     res.module(x).square().mean().backward()
     grads = [p.grad for p in res.module.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_stacked_sites_feeding_each_other_are_all_replaced():
+    class Stacked(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(F.scaled_dot_product_attention(q, k, v), k, v)
+
+    q, k, v = qkv()
+    res = attnrewrite.rewrite(Stacked(), (q, k, v), method="monarch", block_size=16)
+    assert [s.status for s in res.report.sites] == ["replaced", "replaced"]
+    torch.testing.assert_close(res.module(q, k, v), Stacked()(q, k, v), atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from .base import AttentionMethod, MethodOptions
+from .hsa import HSAMethod
 from .monarch import MonarchMethod
 from .sdpa import SDPAMethod
 
@@ -23,5 +24,6 @@ def get_method(name: str) -> AttentionMethod:
 
 register_method(SDPAMethod())
 register_method(MonarchMethod())
+register_method(HSAMethod())
 
 __all__ = ["METHODS", "AttentionMethod", "MethodOptions", "get_method", "register_method"]

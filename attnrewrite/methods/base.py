@@ -44,6 +44,9 @@ class AttentionMethod(ABC):
 
     name: ClassVar[str]
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
+    #: True for methods that honor key-padding masks only: sites whose mask varies between
+    #: queries on the example inputs are kept by the substitute pass.
+    key_masks_only: ClassVar[bool] = False
 
     def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:
         return self.options_type.parse(self.name, options)

@@ -1,0 +1,100 @@
+"""Hierarchical Self-Attention (Amizadeh et al., NeurIPS 2025): the KL-closest block-structured
+approximation of softmax attention over a token tree, exact by dynamic programming, zero-shot."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ...site import AttentionSite
+from ..base import AttentionMethod, MethodOptions
+from .op import hsa_attention_op
+from .reference import (
+    check_branching,
+    hierarchy,
+    hsa_attention_flops,
+    hsa_attention_reference,
+    softmax_attention_flops,
+)
+
+__all__ = [
+    "HSAMethod",
+    "HSAOptions",
+    "hierarchy",
+    "hsa_attention_flops",
+    "hsa_attention_op",
+    "hsa_attention_reference",
+    "softmax_attention_flops",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class HSAOptions(MethodOptions):
+    """branching: group sizes bottom-up, each an int ≥ 2: (16, 4) = windows of 16 tokens, groups
+    of 4 windows, and a root over whatever groups remain. () is one level: exact softmax. A list
+    is accepted and stored as a tuple.
+    """
+
+    branching: tuple[int, ...] = (16, 4)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.branching, list):
+            object.__setattr__(self, "branching", tuple(self.branching))
+
+    def check(self) -> None:
+        check_branching(self.branching)
+
+
+class HSAMethod(AttentionMethod):
+    name = "hsa"
+    options_type = HSAOptions
+
+    def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        if site.dropout_p:
+            return f"attention dropout p={site.dropout_p} is active; HSA has none"
+        if site.q_len != site.k_len:
+            return (
+                f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): one HSA tree spans "
+                "queries and keys alike and needs Nq = Nk"
+            )
+        return None
+
+    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+        """The options plus `tree`: the family sizes the site's length gives, root last."""
+        resolved = options.as_dict()
+        if site.q_len is not None:
+            resolved["tree"] = hierarchy(site.q_len, resolved["branching"])
+        return resolved
+
+    def graph_target(self) -> Any:
+        return torch.ops.attnrewrite.hsa_attention.default
+
+    def graph_arguments(
+        self, site: AttentionSite, options: MethodOptions
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sdpa = site.sdpa
+        assert sdpa is not None
+        kwargs = dict(
+            attn_mask=sdpa.attn_mask,
+            scale=sdpa.scale,
+            branching=list(options.branching),
+            is_causal=sdpa.is_causal,
+            enable_gqa=sdpa.enable_gqa,
+            fallback=True,
+        )
+        return (sdpa.query, sdpa.key, sdpa.value), kwargs
+
+    def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
+        return hsa_attention_op(
+            q,
+            k,
+            v,
+            attn_mask,
+            scale,
+            list(options.branching),
+            is_causal,
+            enable_gqa=enable_gqa,
+            fallback=False,
+        )
