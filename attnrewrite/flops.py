@@ -33,10 +33,19 @@ def monarch_attention_flops(site: AttentionSite, options: Mapping[str, Any]) -> 
     return groups * 2 * (options["num_steps"] * per_step + padded * (b + m) * d_v)
 
 
+def hsa_site_flops(site: AttentionSite, options: Mapping[str, Any]) -> int:
+    """HSA's dynamic program per head (methods/hsa/reference.py), for every head."""
+    from .methods.hsa.reference import hsa_attention_flops
+
+    groups, n, _, d, _ = _dims(site)
+    return groups * hsa_attention_flops(n, d, options["branching"])
+
+
 #: method name → FLOPs of a site rewritten with that method and its resolved options
 METHOD_FLOPS: dict[str, Callable[[AttentionSite, Mapping[str, Any]], int]] = {
     "sdpa": lambda site, options: exact_attention_flops(site),
     "monarch": monarch_attention_flops,
+    "hsa": hsa_site_flops,
 }
 
 

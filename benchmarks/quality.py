@@ -79,9 +79,11 @@ SETTINGS = {  # method → list of option sets
         {"block_size": 16, "num_steps": 2},
         {"block_size": 32, "num_steps": 2},
     ],
+    "hsa": [{"branching": (4, 4, 4)}, {"branching": (8, 4)}, {"branching": (16, 4)}],
 }
-BUDGETS = [0.05, 0.1, 0.2, 0.3]
-PER_LAYER_SETTING = 2  # index into each method's settings: the per-layer table uses it
+ALTERNATING = [1, 3, 5]  # the HSA paper replaces alternating layers only
+BUDGETS = [0.1, 0.2]
+PER_LAYER_SETTING = 2  # index into each method's settings: the per-layer rows use it
 
 
 def docstrings(modules: list[str], count: int) -> list[str]:
@@ -180,6 +182,8 @@ def main() -> None:
                 select = attnrewrite.Select(layers=[layer])
                 jobs.append((method, settings[PER_LAYER_SETTING], f"layer {layer}", select))
             jobs.extend((method, options, "all layers", None) for options in settings)
+            select = attnrewrite.Select(layers=ALTERNATING)
+            jobs.extend((method, options, f"layers {ALTERNATING}", select) for options in settings)
             candidates = settings[1:3]
             for budget in BUDGETS:
                 policy = attnrewrite.ErrorBudget(

@@ -106,3 +106,33 @@ def test_onnx_look_alike_is_kept(tmp_path):
     assert "no attention pattern" in report.sites[0].reason
     feed = {"q": q, "k": q, "v": q}
     np.testing.assert_array_equal(run(out, feed)[0], run(plain, feed)[0])
+
+
+def test_hsa_export_with_dynamic_length(tmp_path):
+    entry = next(e for e in ZOO if e.name == "bert")
+    model, inputs = entry.build("eager"), entry.inputs()
+    seq = torch.export.Dim("seq", min=2, max=128)
+    dynamic = {"input_ids": {1: seq}, "attention_mask": {1: seq}}
+    path = tmp_path / "bert_hsa.onnx"
+    out = export_onnx(
+        model,
+        (),
+        path,
+        method="hsa",
+        branching=(4, 2),
+        example_kwargs=inputs,
+        dynamic_shapes=dynamic,
+    )
+    assert out.max_error <= 1e-4 and len(out.report.replaced) == entry.attention_layers
+    assert out.functions and out.functions[0].startswith("HierarchicalSelfAttention")
+    for n in (5, 23):
+        feed = {
+            "input_ids": torch.randint(3, 99, (2, n)),
+            "attention_mask": torch.ones(2, n).long(),
+        }
+        expected = attnrewrite.rewrite(
+            model, (), example_kwargs=feed, method="hsa", branching=(4, 2)
+        )
+        with torch.no_grad():
+            reference = expected.module(**feed).last_hidden_state.numpy()
+        np.testing.assert_allclose(run(path, feed)[0], reference, atol=1e-4)

@@ -8,6 +8,7 @@ runs exact attention when the rows differ, as the PyTorch op does.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
+from ..methods.hsa.reference import hsa_attention_reference
 from ..methods.masks import key_mask_terms
 from ..methods.monarch.reference import default_block_size, monarch_attention_reference
 from .functions import FunctionSpec, TensorLayout
@@ -101,6 +103,45 @@ def _monarch_approximation(q, k, v, key_bias, query_weight, **options):
     return monarch_attention_reference(q, k, v, key_bias, query_weight, **options)
 
 
+def hsa_spec(
+    q: Any,
+    k: Any,
+    v: Any,
+    attn_mask: Any = None,
+    scale: float | None = None,
+    branching: tuple[int, ...] = (16, 4),
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+    fallback: bool = False,
+    **_: Any,
+) -> FunctionSpec:
+    """The ONNX function of one `attnrewrite::hsa_attention` call."""
+    branching = tuple(branching)
+    approximate = functools.partial(
+        _hsa_approximation, scale=scale, branching=branching, is_causal=is_causal
+    )
+    inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
+    if attn_mask is not None:
+        inputs.append(("mask", TensorLayout.of(attn_mask)))
+    options = (
+        ("branching", branching),
+        ("causal", is_causal),
+        ("scale", scale),
+        ("gqa", enable_gqa),
+    )
+    body = functools.partial(_key_masked, approximate, scale=scale, enable_gqa=enable_gqa)
+    # Every level of the tree present, and ragged groups: nothing specializes in the export.
+    example_length = 2 * math.prod(branching) + 3
+    return FunctionSpec(
+        "HierarchicalSelfAttention", options, tuple(inputs), body, example_length=example_length
+    )
+
+
+def _hsa_approximation(q, k, v, key_bias, query_weight, **options):
+    valid = None if query_weight is None else query_weight > 0
+    return hsa_attention_reference(q, k, v, key_bias, valid, **options)
+
+
 def _monarch_for_site(q, k, v, mask, scale, seq_len, options) -> FunctionSpec:
     if options.block_size is None and not isinstance(seq_len, int):
         raise UnsupportedInputError(
@@ -118,4 +159,5 @@ METHOD_SPECS: dict[str, Callable[..., FunctionSpec]] = {"monarch": _monarch_for_
 #: custom op → function that builds the FunctionSpec from the op's call arguments
 LOWERINGS: dict[Any, Callable[..., FunctionSpec]] = {
     torch.ops.attnrewrite.monarch_attention.default: monarch_spec,
+    torch.ops.attnrewrite.hsa_attention.default: hsa_spec,
 }

@@ -49,6 +49,7 @@ class HSAOptions(MethodOptions):
 
 class HSAMethod(AttentionMethod):
     name = "hsa"
+    key_masks_only = True
     options_type = HSAOptions
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
