@@ -244,7 +244,7 @@ def plot(rows: list[dict]) -> None:
                 for r in rows
                 if r["seq_len"] == seq_len
                 and r["method"] == method
-                and not r["selection"].startswith("layer")
+                and not r["selection"].startswith("layer ")
             )
             ax.plot([100 * p[0] for p in points], [p[1] for p in points], "o-", label=method)
         ax.set_title(f"all-MiniLM-L6-v2, N = {seq_len}")
