@@ -62,6 +62,11 @@ def attnrewrite_backend(
         )
     calls = [(tuple(example_inputs), {})]
     report = rewrite_graph(gm, method, method_options, policy, example_calls=calls)
+    # Methods with per-site parameters (ZeroS adapters) add parameters Dynamo did not trace;
+    # AOTAutograd looks each one up in this map unless it is absent.
+    known = getattr(gm, "_param_name_to_source", None)
+    if known is not None and any(name not in known for name, _ in gm.named_parameters()):
+        del gm._param_name_to_source
     reports.append(report)
     log.info("attnrewrite backend: %s", report.summary())
     if inner == "eager":

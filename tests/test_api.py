@@ -28,7 +28,7 @@ def test_sdpa_method_is_exact_attention():
 
 def test_unknown_method_and_options_list_the_valid_ones():
     q, k, v = qkv()
-    with pytest.raises(attnrewrite.OptionError, match="valid methods: hsa, monarch, sdpa"):
+    with pytest.raises(attnrewrite.OptionError, match="valid methods: hsa, monarch, sdpa, zeros"):
         attnrewrite.attention(q, k, v, method="linformer")
     with pytest.raises(attnrewrite.OptionError, match="valid options: block_size, num_steps, pad"):
         attnrewrite.attention(q, k, v, method="monarch", steps=2)

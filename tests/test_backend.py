@@ -74,7 +74,7 @@ def test_backend_found_by_name_rewrites_and_runs(inner):
 
 
 def test_backend_options_are_checked_and_listed():
-    with pytest.raises(attnrewrite.OptionError, match="valid methods: hsa, monarch, sdpa"):
+    with pytest.raises(attnrewrite.OptionError, match="valid methods: hsa, monarch, sdpa, zeros"):
         parse_backend_options({"method": "flash"})
     with pytest.raises(attnrewrite.OptionError, match="valid options: block_size, num_steps, pad"):
         parse_backend_options({"method": "monarch", "blocksize": 16})

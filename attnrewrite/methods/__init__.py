@@ -7,6 +7,7 @@ from .base import AttentionMethod, MethodOptions
 from .hsa import HSAMethod
 from .monarch import MonarchMethod
 from .sdpa import SDPAMethod
+from .zeros import ZeroSMethod
 
 METHODS: dict[str, AttentionMethod] = {}
 
@@ -25,5 +26,6 @@ def get_method(name: str) -> AttentionMethod:
 register_method(SDPAMethod())
 register_method(MonarchMethod())
 register_method(HSAMethod())
+register_method(ZeroSMethod())
 
 __all__ = ["METHODS", "AttentionMethod", "MethodOptions", "get_method", "register_method"]

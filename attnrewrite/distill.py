@@ -1,0 +1,354 @@
+"""`attnrewrite.distill`: fit the ZeroS adapters of a rewritten model to the original attention.
+
+ZeroS is not zero-shot, so a model rewritten with method="zeros" has a trainable adapter at each
+replaced site (attnrewrite/methods/zeros/adapter.py). Distillation is attention transfer in the
+manner of LoLCATs: each adapter is trained to reproduce its site's original attention output
+(MSE over the non-padding queries); nothing else in the model changes. The original outputs come
+from the rewritten module itself: an adapter can compute the exact SDPA of its own q, k, v, mask,
+which is the original site's output, so no copy of the original model is needed.
+
+  1. Initialization from data (adapter.py documents it): one pass for the mean queries (key logits
+     w_h = scale · q̄_h), one for the least-squares output gain and bias.
+  2. Training with Adam on the adapters' parameters only:
+     - all at once (layerwise=False): every site returns its exact output (teacher forcing), so
+       each site sees the original model's activations, and one forward pass gives every site's
+       loss; `steps` optimizer steps in all.
+     - layer by layer (layerwise=True): the original outputs are captured first; then site ℓ
+       is trained on the activations of the model whose earlier sites already run ZeroS, so it
+       also learns to correct their errors (later sites return their exact output). `steps` per
+       site. Memory: the captured outputs of every site for every calibration batch.
+The batch order is a permutation per epoch drawn from `seed`: the same call gives the same
+result. The module is run in eval mode (dropout off); its training flags and every parameter's
+requires_grad are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .api import RewriteResult
+from .errors import AttnRewriteError
+from .methods.zeros.adapter import ZeroSAdapter, normalize_output
+
+Batch = Any  # a tuple of positional arguments, a dict of keyword arguments, or one tensor
+
+
+@dataclasses.dataclass
+class DistillLog:
+    """What distillation did. losses: per site, the training loss at every step (measured before
+    that step's update). initial / final: per site, the MSE on the original model's activations
+    over all calibration batches, after the data initialization and after training."""
+
+    layerwise: bool
+    steps: int
+    lr: float
+    seed: int
+    seconds: float
+    losses: dict[str, list[float]]
+    initial: dict[str, float]
+    final: dict[str, float]
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=indent)
+
+    def __str__(self) -> str:
+        mode = "layer by layer" if self.layerwise else "all sites at once"
+        lines = [f"distilled {len(self.final)} ZeroS site(s), {mode}, {self.steps} steps, "
+                 f"lr={self.lr}, seed={self.seed}, {self.seconds:.1f} s"]  # fmt: skip
+        width = max((len(name) for name in self.final), default=4)
+        lines.append(f"{'site'.ljust(width)}  initial MSE  final MSE")
+        for name, final in self.final.items():
+            lines.append(f"{name.ljust(width)}  {self.initial[name]:11.4g}  {final:9.4g}")
+        return "\n".join(lines)
+
+
+def _row_weights(adapter: ZeroSAdapter, q: torch.Tensor, attn_mask: torch.Tensor | None):
+    """(B, H, Nq, 1) weights: 0 on padding queries, 1 elsewhere."""
+    weights = adapter.query_weights(q, attn_mask)
+    if weights is None:
+        return q.new_ones(q.shape[:-1], dtype=torch.float32)[..., None]
+    return weights.expand(q.shape[:-1])[..., None]
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    squared = (output.float() - target.float()).square() * weights
+    return squared.sum() / (weights.sum() * output.shape[-1]).clamp_min(1.0)
+
+
+class _MeanQuery:
+    """Tap: the site's exact output; accumulates the mean query per head."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.count: torch.Tensor | float = 0.0
+
+    def __call__(self, adapter, q, k, v, attn_mask):
+        weights = _row_weights(adapter, q, attn_mask)
+        self.total = self.total + (q.float() * weights).sum(dim=(0, 2))
+        self.count = self.count + weights.sum(dim=(0, 2))
+        return adapter.exact(q, k, v, attn_mask)
+
+    def apply(self, adapter: ZeroSAdapter) -> None:
+        adapter.init_key_logits(self.total / torch.as_tensor(self.count).clamp_min(1.0))
+
+
+class _OutputFit:
+    """Tap: the site's exact output; accumulates the moments for the per-channel least-squares
+    fit of the exact output y on z = LayerNorm(ZeroS output): gain = cov(z, y)/var(z)."""
+
+    def __init__(self) -> None:
+        self.moments: list[torch.Tensor | float] = [0.0] * 5  # Σw, Σwz, Σwy, Σwz², Σwzy
+
+    def __call__(self, adapter, q, k, v, attn_mask):
+        exact = adapter.exact(q, k, v, attn_mask)
+        raw, fell_back = adapter.zeros_output(q, k, v, attn_mask)
+        if not bool(fell_back):
+            z, y = normalize_output(raw), exact.float()
+            w = _row_weights(adapter, q, attn_mask).expand_as(z)
+            terms = (w, w * z, w * y, w * z * z, w * z * y)
+            self.moments = [m + t.sum(dim=(0, 2)) for m, t in zip(self.moments, terms, strict=True)]
+        return exact
+
+    def apply(self, adapter: ZeroSAdapter) -> None:
+        if not isinstance(self.moments[0], torch.Tensor):
+            return  # every call fell back to exact attention: nothing to fit
+        count, sum_z, sum_y, sum_zz, sum_zy = self.moments
+        count = count.clamp_min(1.0)
+        mean_z, mean_y = sum_z / count, sum_y / count
+        var_z = sum_zz / count - mean_z.square()
+        cov = sum_zy / count - mean_z * mean_y
+        gain = torch.where(var_z > 1e-8, cov / var_z.clamp_min(1e-8), 0.0)
+        adapter.init_output_affine(gain, mean_y - gain * mean_z)
+
+
+class _TeacherForcing:
+    """Tap: records the loss of the ZeroS output against the exact one and returns the exact
+    output, so the sites after it see the original model's activations."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, adapter, q, k, v, attn_mask):
+        exact = adapter.exact(q, k, v, attn_mask).detach()
+        student = adapter.student(q, k, v, attn_mask)
+        self.loss = _mse(student, exact, _row_weights(adapter, q, attn_mask))
+        return exact
+
+
+class _Capture:
+    """Tap: returns the exact output and keeps it (a training target)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+
+    def __call__(self, adapter, q, k, v, attn_mask):
+        exact = adapter.exact(q, k, v, attn_mask)
+        self.outputs.append(exact.detach())
+        return exact
+
+
+def _exact(adapter, q, k, v, attn_mask):
+    """Tap: the site's exact output."""
+    return adapter.exact(q, k, v, attn_mask)
+
+
+class _AgainstTarget:
+    """Tap: records the loss of the ZeroS output against the captured original output of the
+    current batch, and returns the ZeroS output."""
+
+    def __init__(self, targets: list[torch.Tensor]) -> None:
+        self.targets = targets
+        self.batch_index = 0
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, adapter, q, k, v, attn_mask):
+        student = adapter.student(q, k, v, attn_mask)
+        target = self.targets[self.batch_index]
+        self.loss = _mse(student, target, _row_weights(adapter, q, attn_mask))
+        return student
+
+
+def _call(module: torch.nn.Module, batch: Batch) -> None:
+    if isinstance(batch, Mapping):
+        module(**batch)
+    elif isinstance(batch, (tuple, list)):
+        module(*batch)
+    else:
+        module(batch)
+
+
+def _run_with_taps(module, adapters, taps, batches) -> None:
+    """Run every batch with `taps` installed (no gradients)."""
+    for (_, adapter), tap in zip(adapters, taps, strict=True):
+        adapter.tap = tap
+    with torch.no_grad():
+        for batch in batches:
+            _call(module, batch)
+
+
+def _site_losses(module, adapters, batches) -> dict[str, float]:
+    """Mean teacher-forced MSE per site over all batches."""
+    totals = dict.fromkeys((name for name, _ in adapters), 0.0)
+    taps = [_TeacherForcing() for _ in adapters]
+    for (_, adapter), tap in zip(adapters, taps, strict=True):
+        adapter.tap = tap
+    with torch.no_grad():
+        for batch in batches:
+            _call(module, batch)
+            for (name, _), tap in zip(adapters, taps, strict=True):
+                totals[name] += float(tap.loss) / len(batches)
+    return totals
+
+
+def _batch_order(n_batches: int, total: int, seed: int) -> list[int]:
+    """`total` batch indices: a fresh permutation of the batches per epoch, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < total:
+        order.extend(torch.randperm(n_batches, generator=generator).tolist())
+    return order[:total]
+
+
+def distill(
+    module: torch.nn.Module | RewriteResult,
+    calibration: Sequence[Batch],
+    *,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    layerwise: bool = False,
+    progress: bool = True,
+    initialize: bool = True,
+) -> DistillLog:
+    """Train the ZeroS adapters of `module` (from rewrite(..., method="zeros")) in place so that
+    each replaced site reproduces the original attention output on `calibration`.
+
+    calibration: batches of model inputs, each a tuple of positional arguments, a dict of
+    keyword arguments, or a single tensor (keep evaluation data out of it). steps: optimizer
+    steps (all at once), or steps per site (layerwise). lr: Adam's learning rate (1e-2 suits the
+    adapters' few parameters). initialize: first set the adapters from data (False continues
+    training adapters distilled before). Returns the loss log; the module is modified in place.
+    """
+    if isinstance(module, RewriteResult):
+        module = module.module
+    adapters = [(name, m) for name, m in module.named_modules() if isinstance(m, ZeroSAdapter)]
+    if not adapters:
+        raise AttnRewriteError(
+            "the module has no ZeroS adapters to distill: rewrite it first with "
+            "attnrewrite.rewrite(model, example_inputs, method='zeros')"
+        )
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise AttnRewriteError(f"steps must be an int ≥ 1, got {steps!r}")
+    if not lr > 0:
+        raise AttnRewriteError(f"lr must be positive, got {lr!r}")
+    batches = list(calibration)
+    if not batches:
+        raise AttnRewriteError("calibration is empty: pass at least one batch of model inputs")
+
+    start = time.perf_counter()
+    # Set the flags rather than call eval(): modules from torch.export refuse eval()/train().
+    training = {m: m.training for m in module.modules()}
+    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    for m in training:
+        m.training = False
+    try:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        if initialize:
+            _initialize(module, adapters, batches)
+        initial = _site_losses(module, adapters, batches)
+        train = _train_layerwise if layerwise else _train_all
+        losses = train(module, adapters, batches, steps, lr, seed, progress)
+        final = _site_losses(module, adapters, batches)
+    finally:
+        for _, adapter in adapters:
+            adapter.tap = None
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.training = flag
+    return DistillLog(layerwise=layerwise, steps=steps, lr=lr, seed=seed,
+                      seconds=time.perf_counter() - start, losses=losses, initial=initial,
+                      final=final)  # fmt: skip
+
+
+def _initialize(module, adapters, batches) -> None:
+    mean_queries = [_MeanQuery() for _ in adapters]
+    _run_with_taps(module, adapters, mean_queries, batches)
+    for (name, adapter), tap in zip(adapters, mean_queries, strict=True):
+        if not isinstance(tap.count, torch.Tensor):
+            raise AttnRewriteError(
+                f"the calibration inputs never reach the ZeroS site {name!r}; pass inputs that "
+                "run every replaced attention site"
+            )
+        tap.apply(adapter)
+    fits = [_OutputFit() for _ in adapters]
+    _run_with_taps(module, adapters, fits, batches)
+    for (_, adapter), tap in zip(adapters, fits, strict=True):
+        tap.apply(adapter)
+
+
+def _train_all(module, adapters, batches, steps, lr, seed, progress) -> dict[str, list[float]]:
+    taps = [_TeacherForcing() for _ in adapters]
+    params = []
+    for (_, adapter), tap in zip(adapters, taps, strict=True):
+        adapter.tap = tap
+        params.extend(adapter.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses: dict[str, list[float]] = {name: [] for name, _ in adapters}
+    bar = tqdm(_batch_order(len(batches), steps, seed), desc="distill", disable=not progress)
+    for index in bar:
+        for tap in taps:
+            tap.loss = None
+        _call(module, batches[index])
+        site_losses = [tap.loss for tap in taps]
+        if any(loss is None for loss in site_losses):
+            raise AttnRewriteError("a calibration batch did not run every ZeroS site")
+        total = torch.stack(site_losses).sum()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        for (name, _), loss in zip(adapters, site_losses, strict=True):
+            losses[name].append(loss.item())
+        bar.set_postfix(loss=f"{total.item():.4g}")
+    return losses
+
+
+def _train_layerwise(module, adapters, batches, steps, lr, seed, progress):
+    captures = [_Capture() for _ in adapters]
+    _run_with_taps(module, adapters, captures, batches)
+    losses: dict[str, list[float]] = {name: [] for name, _ in adapters}
+    bar = tqdm(total=steps * len(adapters), desc="distill", disable=not progress)
+    for position, (name, adapter) in enumerate(adapters):
+        for later, (_, other) in enumerate(adapters):
+            other.tap = _exact if later > position else None  # earlier sites run ZeroS
+        tap = _AgainstTarget(captures[position].outputs)
+        adapter.tap = tap
+        params = list(adapter.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        for index in _batch_order(len(batches), steps, seed):
+            tap.batch_index, tap.loss = index, None
+            _call(module, batches[index])
+            if tap.loss is None:
+                raise AttnRewriteError(f"a calibration batch did not run the ZeroS site {name!r}")
+            optimizer.zero_grad()
+            tap.loss.backward()
+            optimizer.step()
+            losses[name].append(tap.loss.item())
+            bar.set_postfix(site=name, loss=f"{tap.loss.item():.4g}")
+            bar.update()
+        for p in params:
+            p.requires_grad_(False)
+    bar.close()
+    return losses
