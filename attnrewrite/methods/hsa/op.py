@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
+from ..gqa import expand_gqa, reduce_gqa
 from ..masks import key_mask_terms, warn_exact_fallback
-from ..monarch.op import _expand_gqa, _reduce_gqa
 from .reference import check_branching, hierarchy, hsa_attention_reference
 
 TRITON_CPU_VARIABLE = "ATTNREWRITE_TRITON_CPU"
@@ -88,7 +88,7 @@ def _forward(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     key_bias, valid = terms
-    k, v = _expand_gqa(q, k, enable_gqa), _expand_gqa(q, v, enable_gqa)
+    k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
     if uses_triton(q, sizes):
         from ...kernels.hsa import hsa_forward
 
@@ -150,11 +150,11 @@ def _backward(ctx, grad_out):
         from ...kernels.hsa import hsa_backward
 
         key_bias, valid = terms
-        k_heads, v_heads = _expand_gqa(q, k, enable_gqa), _expand_gqa(q, v, enable_gqa)
+        k_heads, v_heads = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
         dq, dk, dv = hsa_backward(
             q, k_heads, v_heads, key_bias, valid, scale, tuple(branching), is_causal, grad_out
         )
-        dk, dv = _reduce_gqa(dk, k), _reduce_gqa(dv, v)
+        dk, dv = reduce_gqa(dk, k), reduce_gqa(dv, v)
     else:
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
