@@ -135,3 +135,13 @@ def test_stacked_sites_feeding_each_other_are_all_replaced():
     res = attnrewrite.rewrite(Stacked(), (q, k, v), method="monarch", block_size=16)
     assert [s.status for s in res.report.sites] == ["replaced", "replaced"]
     torch.testing.assert_close(res.module(q, k, v), Stacked()(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_hsa_on_alternating_layers_through_select():
+    model = TwoLayers()
+    x = torch.randn(2, 16, 8)
+    res = attnrewrite.rewrite(
+        model, (x,), method="hsa", branching=(4, 2), policy=attnrewrite.Select(layers=[1])
+    )
+    assert [s.status for s in res.report.sites] == ["kept", "replaced"]
+    assert res.report.sites[1].method == "hsa"
