@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnrewrite
+import attnrewrite.backend
 from attnrewrite.backend import parse_backend_options
 
 SCRIPT = textwrap.dedent(
@@ -97,3 +98,26 @@ def test_backend_in_process_with_eager_inner_matches_rewrite():
         q, k, v, scale=0.125, method="monarch", block_size=8, num_steps=1
     )
     torch.testing.assert_close(compiled(q, k, v), expected)
+
+
+def test_backend_accepts_policies():
+    class Two(torch.nn.Module):
+        def forward(self, q, k, v):
+            first = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+            return torch.softmax(first @ k.transpose(-2, -1), dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    for policy, statuses in (
+        (attnrewrite.ErrorBudget(float("inf")), ["replaced", "replaced"]),
+        (attnrewrite.ErrorBudget(0.0), ["kept", "kept"]),
+    ):
+        torch._dynamo.reset()
+        attnrewrite.backend.reports.clear()
+        options = {"method": "monarch", "block_size": 8, "inner": "eager", "policy": policy}
+        torch.compile(Two(), backend="attnrewrite", options=options)(q, k, v)
+        assert [s.status for s in attnrewrite.backend.reports[-1].sites] == statuses
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="calibration=None"):
+        torch._dynamo.reset()
+        budget = attnrewrite.ErrorBudget(0.1, calibration=(q, k, v))
+        options = {"method": "monarch", "inner": "eager", "policy": budget}
+        torch.compile(Two(), backend="attnrewrite", options=options)(q, k, v)

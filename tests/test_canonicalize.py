@@ -264,3 +264,22 @@ def test_graph_without_attention_is_left_as_it_is():
     res = attnrewrite.rewrite(traced, (torch.randn(3, 8),), method="monarch")
     assert res.report.sites == []
     assert res.module.code == traced.code
+
+
+def test_multihead_attention_module_is_found_through_rewrite():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x, padding):
+            return self.mha(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    x, padding = torch.randn(2, 10, 16), torch.zeros(2, 10, dtype=torch.bool)
+    padding[1, 7:] = True
+    res = attnrewrite.rewrite(Block().eval(), (x, padding), method="sdpa")
+    assert [s.status for s in res.report.sites] == ["replaced"]
+    assert res.report.sites[0].name == "mha" and res.report.sites[0].mask == "key"
+    torch.testing.assert_close(run(res.module, (x, padding)), run(Block().eval(), (x, padding)))
