@@ -53,8 +53,6 @@ def test_option_values_are_checked(options, message):
 
 def test_monarch_refuses_masks_it_cannot_honor():
     q, k, v = qkv()
-    with pytest.raises(attnrewrite.UnsupportedInputError, match="no causal variant"):
-        attnrewrite.attention(q, k, v, is_causal=True, method="monarch")
     causal = torch.ones(16, 16, dtype=torch.bool).tril()
     with pytest.raises(attnrewrite.UnsupportedInputError, match="key-padding masks only"):
         attnrewrite.attention(q, k, v, causal, method="monarch")

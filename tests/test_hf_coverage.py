@@ -42,10 +42,11 @@ def test_every_attention_layer_is_found_and_exact(entry, impl):
         assert all(s.enable_gqa for s in res.report.sites)
 
 
-def test_monarch_keeps_the_causal_layers_of_decoders():
+def test_decoder_causal_layers_become_causal_sites():
     entry = next(e for e in ZOO if e.name == "gpt2")
     model, inputs = entry.build("eager"), entry.inputs()
     del inputs["attention_mask"]  # no padding: the causal mask is a constant, hence is_causal
     res = attnrewrite.rewrite(model, (), example_kwargs=inputs, method="monarch")
     assert [s.mask for s in res.report.sites] == ["causal"] * entry.causal_layers
-    assert all(s.status == "kept" and "causal" in s.reason for s in res.report.sites)
+    # causal Monarch is offered (benchmarks/causal_monarch.py decided it by measurement)
+    assert all(s.status == "replaced" for s in res.report.sites)

@@ -62,6 +62,16 @@ def test_minilm_monarch_export_with_dynamic_batch_and_length(minilm, minilm_batc
 def test_sdpa_export_of_a_causal_decoder(tmp_path):
     entry = next(e for e in ZOO if e.name == "gpt2")
     model, inputs = entry.build("eager"), entry.inputs()
+    causal = {k: v for k, v in inputs.items() if k != "attention_mask"}  # is_causal sites
+    out = export_onnx(
+        model,
+        (),
+        tmp_path / "gpt2_causal.onnx",
+        method="monarch",
+        block_size=4,
+        example_kwargs=causal,
+    )
+    assert out.max_error <= 1e-4 and len(out.report.replaced) == entry.causal_layers
     for method in ("sdpa", "monarch"):  # causal + padding masks run exact attention in ONNX too
         out = export_onnx(
             model, (), tmp_path / f"gpt2_{method}.onnx", method=method, example_kwargs=inputs

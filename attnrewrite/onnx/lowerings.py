@@ -69,16 +69,24 @@ def monarch_spec(
     pad: str = "post",
     enable_gqa: bool = False,
     fallback: bool = False,
-    **_: Any,
+    is_causal: bool = False,
+    **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::monarch_attention` call."""
+    if unknown:  # an argument this lowering does not know could change the function
+        raise UnsupportedInputError(f"no ONNX lowering for monarch_attention arguments {unknown}")
     if block_size is None:
         raise UnsupportedInputError(
             "ONNX export needs a fixed Monarch block_size; export_onnx resolves it from the "
             "example length, or pass block_size=..."
         )
     approximate = functools.partial(
-        _monarch_approximation, scale=scale, block_size=block_size, num_steps=num_steps, pad=pad
+        _monarch_approximation,
+        scale=scale,
+        block_size=block_size,
+        num_steps=num_steps,
+        pad=pad,
+        is_causal=is_causal,
     )
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
     if attn_mask is not None:
@@ -87,6 +95,7 @@ def monarch_spec(
         ("b", block_size),
         ("T", num_steps),
         ("pad", pad),
+        ("causal", is_causal),
         ("scale", scale),
         ("gqa", enable_gqa),
     )

@@ -1,4 +1,13 @@
-"""MonarchAttention (Yaras et al., NeurIPS 2025): a zero-shot, Θ(N√N·d) attention substitute."""
+"""MonarchAttention (Yaras et al., NeurIPS 2025): a zero-shot, Θ(N√N·d) attention substitute.
+
+Causal sites are replaced too, by the causal variant of reference.py (exact causal softmax inside
+each block, Monarch over the earlier blocks): benchmarks/causal_monarch.py measured it well ahead
+of block-local causal attention on real activations (benchmarks/results/causal_monarch.json).
+
+Layout: reference.py (the executable spec), stages.py (the same updates as block-attention stages,
+with the explicit backward), torch_stages.py (the stages on the CPU), kernels/monarch.py (the
+stages and a fused short-sequence forward in Triton), op.py (the custom ops and their dispatch).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +16,18 @@ from typing import Any
 
 import torch
 
-from ...errors import OptionError, UnsupportedInputError
+from ...errors import OptionError
 from ...site import AttentionSite
 from ..base import AttentionMethod, MethodOptions
-from .op import monarch_attention_op
+from .op import kernel_backend, monarch_attention_backward_op, monarch_attention_op
 from .reference import default_block_size, monarch_attention_reference
 
 __all__ = [
     "MonarchMethod",
     "MonarchOptions",
     "default_block_size",
+    "kernel_backend",
+    "monarch_attention_backward_op",
     "monarch_attention_op",
     "monarch_attention_reference",
 ]
@@ -57,8 +68,6 @@ class MonarchMethod(AttentionMethod):
     options_type = MonarchOptions
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
-        if site.is_causal or site.mask == "causal":
-            return "causal attention: MonarchAttention has no causal variant yet"
         if site.dropout_p:
             return f"attention dropout p={site.dropout_p} is active; MonarchAttention has none"
         if site.q_len != site.k_len:
@@ -88,19 +97,19 @@ class MonarchMethod(AttentionMethod):
             **options.as_dict(),
             enable_gqa=sdpa.enable_gqa,
             fallback=True,
+            is_causal=sdpa.is_causal,
         )
         return (sdpa.query, sdpa.key, sdpa.value), kwargs
 
     def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
-        if is_causal:
-            raise UnsupportedInputError(
-                "MonarchAttention has no causal variant yet; use method='sdpa' for causal attention"
-            )
-        if q.shape[-2] != k.shape[-2]:
-            raise UnsupportedInputError(
-                f"MonarchAttention needs as many queries as keys (got {q.shape[-2]} and "
-                f"{k.shape[-2]}); use method='sdpa' for cross-attention"
-            )
         return monarch_attention_op(
-            q, k, v, attn_mask, scale, **options.as_dict(), enable_gqa=enable_gqa, fallback=False
+            q,
+            k,
+            v,
+            attn_mask,
+            scale,
+            **options.as_dict(),
+            enable_gqa=enable_gqa,
+            fallback=False,
+            is_causal=is_causal,
         )

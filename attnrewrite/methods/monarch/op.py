@@ -1,18 +1,73 @@
 """`attnrewrite::monarch_attention`: the custom op the rewritten graphs call.
 
 A `torch.library.custom_op` keeps compiled graphs whole (no graph break), gives `torch.export` and
-the ONNX exporter one named node per site, and carries a recompute-based backward so a rewritten
-model can be fine-tuned.
+the ONNX exporter one named node per site, and carries a backward so a rewritten model can be
+fine-tuned. The backward is a second custom op (`attnrewrite::monarch_attention_backward`): an op
+implementation runs below autograd, so the gradients are computed explicitly (stages.py), never
+by autograd through a recomputation, and compiled training graphs see one opaque node.
+
+Dispatch: CUDA tensors run the Triton kernels (kernels/monarch.py; a single fused launch for short
+sequences; fp64 takes the PyTorch stages), CPU tensors the PyTorch stages (torch_stages.py).
+`kernel_backend("triton")` forces the kernels on CPU tensors, which needs the Triton interpreter
+(TRITON_INTERPRET=1 before `attnrewrite.kernels.monarch` is imported); `kernel_backend("torch")`
+forces the PyTorch stages.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
 from ..masks import key_mask_terms, warn_exact_fallback
-from .reference import monarch_attention_reference
+from .reference import default_block_size
+from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
+from .torch_stages import TorchStageOps, parallel_stage_ops
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """Run Monarch ops on `name` ("auto": Triton for CUDA tensors, PyTorch otherwise)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown Monarch backend {name!r}; choose one of {BACKENDS}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _kernels():  # imported on first use: importing decides interpreted vs compiled kernels
+    from ...kernels import monarch
+
+    return monarch
+
+
+@contextlib.contextmanager
+def _stage_ops(x: torch.Tensor) -> Iterator[StageOps]:
+    """The backend for x's device (and `kernel_backend`), for the length of the block."""
+    use_triton = _backend == "triton" or (
+        _backend == "auto" and x.is_cuda and x.dtype != torch.float64
+    )
+    if not use_triton:
+        with parallel_stage_ops() as ops:
+            yield ops
+        return
+    kernels = _kernels()
+    if not x.is_cuda and not kernels.INTERPRETED:
+        raise UnsupportedInputError(
+            "the Monarch Triton kernels run on CPU tensors only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before attnrewrite.kernels.monarch is imported, or use CUDA tensors"
+        )
+    yield kernels.TritonStageOps()
 
 
 def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
@@ -22,45 +77,111 @@ def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Ten
     return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
 
 
-def _forward(
+def _reduce_gqa(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The adjoint of `_expand_gqa`: sum the gradients of the repeated heads."""
+    if grad.shape == like.shape:
+        return grad
+    heads = like.shape[-3]
+    return grad.unflatten(-3, (heads, grad.shape[-3] // heads)).sum(-3)
+
+
+def _check_arguments(
+    q: torch.Tensor, k: torch.Tensor, block_size: int | None, num_steps: int, pad: str
+) -> None:
+    if q.shape[-2] != k.shape[-2]:
+        raise UnsupportedInputError(
+            f"MonarchAttention needs as many queries as keys (got {q.shape[-2]} and "
+            f"{k.shape[-2]}); use method='sdpa' for cross-attention"
+        )
+    if block_size is not None and block_size < 1:
+        raise UnsupportedInputError(f"block_size must be ≥ 1 or None (≈ √N), got {block_size}")
+    if num_steps < 1:
+        raise UnsupportedInputError(f"num_steps must be ≥ 1, got {num_steps}")
+    if pad not in ("post", "pre"):
+        raise UnsupportedInputError(f"pad must be 'post' or 'pre', got {pad!r}")
+
+
+def _causal_mask(attn_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """attn_mask with every key after its query masked as well (for the exact fallback)."""
+    later = torch.ones(n, n, device=attn_mask.device, dtype=torch.bool).triu(1)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & ~later
+    return attn_mask.masked_fill(later, -math.inf)
+
+
+class _Call:
+    """One call's inputs in the stages' form: (g, N, d) tensors, key bias and query validity,
+    or `exact` when the mask is not a key-padding mask and the site asked for the fallback."""
+
+    def __init__(
+        self, q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
+    ) -> None:
+        _check_arguments(q, k, block_size, num_steps, pad)
+        self.k, self.v = _expand_gqa(q, k, enable_gqa), _expand_gqa(q, v, enable_gqa)
+        *batch, n, d = q.shape
+        self.batch, self.n = tuple(batch), n
+        self.attn_mask, self.is_causal = attn_mask, is_causal
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(d)
+        self.exact = False
+        self.key_bias = self.query_valid = None
+        if attn_mask is not None:
+            stats = torch.promote_types(q.dtype, torch.float32)
+            terms = key_mask_terms(attn_mask, self.batch, n, stats)
+            if terms is None:
+                if not fallback:
+                    raise UnsupportedInputError(
+                        "MonarchAttention honors key-padding masks only (a mask whose rows are "
+                        "all equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
+                        "Use method='sdpa' for it, or pass a key-padding mask."
+                    )
+                warn_exact_fallback("Monarch")
+                self.exact = True
+            else:
+                groups = math.prod(self.batch)
+                self.key_bias = terms[0].reshape(groups, n)
+                self.query_valid = terms[1].reshape(groups, n) > 0
+        self.config = MonarchConfig(
+            self.scale,
+            block_size if block_size is not None else default_block_size(n),
+            num_steps,
+            pad,
+            is_causal,
+        )
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.n, x.shape[-1])
+
+    def exact_mask(self) -> torch.Tensor:
+        """The fallback's SDPA mask (the site's mask, causal when the site is)."""
+        assert self.attn_mask is not None
+        return _causal_mask(self.attn_mask, self.n) if self.is_causal else self.attn_mask
+
+
+def _exact_attention_grads(
+    grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-    block_size: int | None,
-    num_steps: int,
-    pad: str,
-    enable_gqa: bool,
-    fallback: bool,
-) -> torch.Tensor:
-    k = _expand_gqa(q, k, enable_gqa)
-    v = _expand_gqa(q, v, enable_gqa)
-    key_bias = query_weight = None
-    if attn_mask is not None:
-        stats = torch.promote_types(q.dtype, torch.float32)
-        terms = key_mask_terms(attn_mask, tuple(q.shape[:-2]), q.shape[-2], stats)
-        if terms is None:
-            if not fallback:
-                raise UnsupportedInputError(
-                    "MonarchAttention honors key-padding masks only (a mask whose rows are all "
-                    "equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
-                    "Use method='sdpa' for it, or pass a key-padding mask."
-                )
-            warn_exact_fallback("Monarch")
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        key_bias, query_weight = terms
-    return monarch_attention_reference(
-        q,
-        k,
-        v,
-        key_bias,
-        query_weight,
-        scale=scale,
-        block_size=block_size,
-        num_steps=num_steps,
-        pad=pad,
-    )
+    mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of SDPA with `mask` (the fallback's forward), in closed form; a row that sees
+    no key gets zero output and zero gradient, as SDPA gives it."""
+    stats = torch.promote_types(q.dtype, torch.float32)
+    q32, k32, v32, g32 = (x.to(stats) for x in (q, k, v, grad_out))
+    scores = scale * q32 @ k32.transpose(-2, -1)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, -math.inf)
+    else:
+        scores = scores + mask.to(stats)
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    out = probs @ v32
+    d_scores = probs * (g32 @ v32.transpose(-2, -1) - (g32 * out).sum(-1, keepdim=True))
+    dq = scale * d_scores @ k32
+    dk = scale * d_scores.transpose(-2, -1) @ q32
+    dv = probs.transpose(-2, -1) @ g32
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @torch.library.custom_op("attnrewrite::monarch_attention", mutates_args=())
@@ -75,15 +196,90 @@ def monarch_attention_op(
     pad: str = "post",
     enable_gqa: bool = False,
     fallback: bool = False,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """MonarchAttention with SDPA's argument conventions (see `attnrewrite.attention`)."""
-    return _forward(q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback)
+    """MonarchAttention with SDPA's argument conventions (see `attnrewrite.attention`).
+
+    is_causal: the causal variant (reference.py); it composes with a key-padding mask.
+    """
+    call = _Call(
+        q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
+    )
+    if call.exact:
+        return F.scaled_dot_product_attention(
+            q, call.k, call.v, attn_mask=call.exact_mask(), scale=call.scale
+        )
+    qf, kf, vf = call.flat(q), call.flat(call.k), call.flat(call.v)
+    with _stage_ops(q) as ops:
+        out = None
+        if not isinstance(ops, TorchStageOps):  # short sequences: one fused launch
+            out = _kernels().fused_forward(qf, kf, vf, call.key_bias, call.query_valid, call.config)
+        if out is None:
+            out, _ = monarch_forward(qf, kf, vf, call.key_bias, call.query_valid, call.config, ops)
+    return out.reshape(*call.batch, call.n, v.shape[-1])
 
 
 @monarch_attention_op.register_fake
-def _(q, k, v, attn_mask=None, scale=None, block_size=None, num_steps=2, pad="post",
-      enable_gqa=False, fallback=False):  # fmt: skip
+def _(
+    q,
+    k,
+    v,
+    attn_mask=None,
+    scale=None,
+    block_size=None,
+    num_steps=2,
+    pad="post",
+    enable_gqa=False,
+    fallback=False,
+    is_causal=False,
+):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("attnrewrite::monarch_attention_backward", mutates_args=())
+def monarch_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    block_size: int | None,
+    num_steps: int,
+    pad: str,
+    enable_gqa: bool,
+    fallback: bool,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `monarch_attention` for q, k, v (recomputing its forward)."""
+    call = _Call(
+        q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
+    )
+    if call.exact:
+        dq, dk, dv = _exact_attention_grads(
+            grad_out, q, call.k, call.v, call.exact_mask(), call.scale
+        )
+    else:
+        with _stage_ops(q) as ops:
+            grads = monarch_backward(
+                call.flat(grad_out),
+                call.flat(q),
+                call.flat(call.k),
+                call.flat(call.v),
+                call.key_bias,
+                call.query_valid,
+                call.config,
+                ops,
+            )
+        dq, dk, dv = (g.reshape(x.shape) for g, x in zip(grads, (q, call.k, call.v), strict=True))
+    return dq, _reduce_gqa(dk, k), _reduce_gqa(dv, v)
+
+
+@monarch_attention_backward_op.register_fake
+def _(
+    grad_out, q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -94,17 +290,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """Gradients for q, k, v by recomputing the reference forward under autograd.
-
-    Memory grows with b (the reference keeps its b×b and M×M tiles for the backward pass).
-    """
     saved = ctx.saved_tensors
     attn_mask = saved[3] if ctx.has_mask else None
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in saved[:3]]
-        out = _forward(*leaves, attn_mask, *ctx.options)
-        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = monarch_attention_backward_op(grad_out, *saved[:3], attn_mask, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 monarch_attention_op.register_autograd(_backward, setup_context=_setup_context)
