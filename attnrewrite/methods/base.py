@@ -51,6 +51,15 @@ class AttentionMethod(ABC):
     def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:
         return self.options_type.parse(self.name, options)
 
+    def tiling_reason(self, site: AttentionSite, label: str, why: str) -> str | None:
+        """The shared preconditions of methods that tile queries and keys alike: no active
+        attention dropout, and as many queries as keys (`why` says what needs Nq = Nk)."""
+        if site.dropout_p:
+            return f"attention dropout p={site.dropout_p} is active; {label} has none"
+        if site.q_len != site.k_len:
+            return f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): {why} and needs Nq = Nk"
+        return None
+
     @abstractmethod
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
         """Why this method cannot compute exactly what the site asks for, or None if it can."""

@@ -53,14 +53,7 @@ class HSAMethod(AttentionMethod):
     options_type = HSAOptions
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
-        if site.dropout_p:
-            return f"attention dropout p={site.dropout_p} is active; HSA has none"
-        if site.q_len != site.k_len:
-            return (
-                f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): one HSA tree spans "
-                "queries and keys alike and needs Nq = Nk"
-            )
-        return None
+        return self.tiling_reason(site, "HSA", "one HSA tree spans queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
         """The options plus `tree`: the family sizes the site's length gives, root last."""

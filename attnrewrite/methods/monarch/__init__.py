@@ -65,17 +65,11 @@ class MonarchOptions(MethodOptions):
 
 class MonarchMethod(AttentionMethod):
     name = "monarch"
+    key_masks_only = True
     options_type = MonarchOptions
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
-        if site.dropout_p:
-            return f"attention dropout p={site.dropout_p} is active; MonarchAttention has none"
-        if site.q_len != site.k_len:
-            return (
-                f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): Monarch blocks queries "
-                "and keys alike and needs Nq = Nk"
-            )
-        return None
+        return self.tiling_reason(site, "MonarchAttention", "Monarch blocks queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
         resolved = options.as_dict()
