@@ -1,14 +1,20 @@
 """Quality of zero-shot attention replacement on a real model (all-MiniLM-L6-v2), offline.
 
 Text: docstrings of the Python standard library that ships with the interpreter; calibration
-and evaluation texts come from disjoint modules. For each method and setting: one layer
-replaced at a time, all layers replaced, and ErrorBudget at several budgets (calibrated on the
-calibration texts, measured on the evaluation texts). Metrics: mean cosine of the sentence
-embeddings (mean pooling, as sentence-transformers) vs the original model, nearest-neighbour
-agreement (does each evaluation text keep its nearest neighbour?), and the fraction of
-attention FLOPs saved. Writes benchmarks/results/quality.{json,png} and prints a markdown table.
+and evaluation texts come from disjoint modules. For each method: one setting in one layer at
+a time, every setting in all layers and in alternating layers (1, 3, 5), and ErrorBudget at
+several budgets (calibrated on the calibration texts, measured on the evaluation texts).
+Metrics: mean cosine of the sentence embeddings (mean pooling, as sentence-transformers) vs the
+original model, nearest-neighbour agreement (does each evaluation text keep its nearest
+neighbour?), and the fraction of attention FLOPs saved. Writes
+benchmarks/results/quality.{json,png} and prints the full table and the summary the README shows.
 
-    python benchmarks/quality.py [--seq-lens 128 256] [--texts 48]
+`--hsa-branchings` runs the branching sweep instead: every HSA branching given, plus Monarch
+(b = 16, T = 2) on the same texts, each one layer at a time, in all layers and in alternating
+layers (no budgets), into benchmarks/results/quality_hsa.{json,png}.
+
+    python benchmarks/quality.py [--seq-lens 128 256] [--texts 32]
+    python benchmarks/quality.py --hsa-branchings 8,4 16,4 32,4 16,8 64
 """
 
 from __future__ import annotations
@@ -149,11 +155,61 @@ def evaluate(gm, sites, method: str, options: dict, policy: Any, calls, referenc
     }
 
 
+Job = tuple[str, dict, str, Any]  # method, options, selection label, policy (None: all sites)
+
+
+def jobs(
+    settings: dict[str, list[dict]],
+    per_layer: dict[str, list[dict]],
+    budgets: list[float],
+    layers: int,
+    calibration: tuple[torch.Tensor, torch.Tensor],
+) -> list[Job]:
+    """Per method: `per_layer` settings one layer at a time, every setting in all layers and in
+    alternating layers, then ErrorBudget (candidates: settings 1 and 2) at each budget."""
+    result: list[Job] = []
+    for method, options_list in settings.items():
+        for options in per_layer[method]:
+            result.extend(
+                (method, options, f"layer {layer}", attnrewrite.Select(layers=[layer]))
+                for layer in range(layers)
+            )
+        result.extend((method, options, "all layers", None) for options in options_list)
+        select = attnrewrite.Select(layers=ALTERNATING)
+        result.extend(
+            (method, options, f"layers {ALTERNATING}", select) for options in options_list
+        )
+        candidates = options_list[1:3]
+        for budget in budgets:
+            policy = attnrewrite.ErrorBudget(budget, calibration=calibration, candidates=candidates)
+            result.append((method, candidates[0], f"budget {budget}", policy))
+    return result
+
+
+def branching(text: str) -> tuple[int, ...]:
+    """An HSA branching from the command line: "16,4" → (16, 4), "64" → (64,)."""
+    return tuple(int(size) for size in text.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--texts", type=int, default=48)
+    parser.add_argument("--texts", type=int, default=32)
+    parser.add_argument(
+        "--hsa-branchings",
+        type=branching,
+        nargs="+",
+        metavar="B1,B2,...",
+        help="run the HSA branching sweep (quality_hsa.*) instead of the default table",
+    )
     args = parser.parse_args()
+    if args.hsa_branchings:
+        hsa = [{"branching": b} for b in args.hsa_branchings]
+        settings = {"monarch": [SETTINGS["monarch"][PER_LAYER_SETTING]], "hsa": hsa}
+        per_layer, budgets, name = settings, [], "quality_hsa"
+    else:
+        settings, budgets, name = SETTINGS, BUDGETS, "quality"
+        per_layer = {method: [s[PER_LAYER_SETTING]] for method, s in SETTINGS.items()}
     torch.manual_seed(0)
     path = get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -176,21 +232,8 @@ def main() -> None:
         sites = canonicalize(gm)
         with torch.no_grad():
             reference = model(*evaluation)
-        jobs = []
-        for method, settings in SETTINGS.items():
-            for layer in range(len(sites)):
-                select = attnrewrite.Select(layers=[layer])
-                jobs.append((method, settings[PER_LAYER_SETTING], f"layer {layer}", select))
-            jobs.extend((method, options, "all layers", None) for options in settings)
-            select = attnrewrite.Select(layers=ALTERNATING)
-            jobs.extend((method, options, f"layers {ALTERNATING}", select) for options in settings)
-            candidates = settings[1:3]
-            for budget in BUDGETS:
-                policy = attnrewrite.ErrorBudget(
-                    budget, calibration=calibration, candidates=candidates
-                )
-                jobs.append((method, candidates[0], f"budget {budget}", policy))
-        for method, options, selection, policy in tqdm(jobs, desc=f"N={seq_len}"):
+        todo = jobs(settings, per_layer, budgets, len(sites), calibration)
+        for method, options, selection, policy in tqdm(todo, desc=f"N={seq_len}"):
             result = evaluate(gm, sites, method, options, policy, evaluation, reference)
             rows.append(
                 {
@@ -208,9 +251,18 @@ def main() -> None:
         "seconds": time.time() - start,
         "rows": rows,
     }
-    (RESULTS / "quality.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     print(table(rows))
-    plot(rows)
+    print()
+    print(summary(rows))
+    plot(rows, RESULTS / f"{name}.png")
+
+
+def setting(method: str, options: dict) -> str:
+    """Short label of a setting: "b=16, T=2" for Monarch, "(16, 4)" for HSA."""
+    if method == "monarch":
+        return f"b={options['block_size']}, T={options['num_steps']}"
+    return str(tuple(options["branching"]))
 
 
 def table(rows: list[dict]) -> str:
@@ -230,30 +282,77 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict]) -> None:
+def summary(rows: list[dict]) -> str:
+    """The README's table: the one-layer rows of a setting collapsed to best … worst (each
+    metric's own best and worst layer)."""
+    lines = [
+        "| N | method | setting | layers replaced | cosine | NN agreement "
+        "| attention FLOPs saved |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        one_layer = r["selection"].startswith("layer ")
+        key = (r["seq_len"], r["method"], setting(r["method"], r["options"]), one_layer)
+        groups.setdefault(key if one_layer else (*key, r["selection"]), []).append(r)
+    for (seq_len, method, label, one_layer, *_), group in groups.items():
+        if one_layer:
+            cosines = [r["cosine"] for r in group]
+            agreements = [r["neighbour_agreement"] for r in group]
+            layers = "one layer (best … worst)"
+            cosine = f"{max(cosines):.4f} … {min(cosines):.4f}"
+            agreement = f"{max(agreements):.2f} … {min(agreements):.2f}"
+        else:
+            (r,) = group
+            layers = ", ".join(map(str, r["replaced_layers"])) or "none"
+            if r["selection"] == "all layers":
+                layers = f"all {len(r['replaced_layers'])}"
+            cosine, agreement = f"{r['cosine']:.4f}", f"{r['neighbour_agreement']:.2f}"
+            if r["selection"].startswith("budget"):
+                label = f"ErrorBudget {r['selection'].split()[1]}"
+        flops = max(100 * r["flops_saved"] for r in group)
+        lines.append(
+            f"| {seq_len} | {method} | {label} | {layers} | {cosine} | {agreement} | {flops:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Cosine vs FLOPs saved: a colour per method, a line style per selection (all layers,
+    alternating layers, ErrorBudget), each point labelled with its setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, seq_len in zip(axes, sorted({r["seq_len"] for r in rows}), strict=False):
-        for method in sorted({r["method"] for r in rows}):
-            points = sorted(
-                (r["flops_saved"], r["cosine"])
-                for r in rows
-                if r["seq_len"] == seq_len
-                and r["method"] == method
-                and not r["selection"].startswith("layer ")
-            )
-            ax.plot([100 * p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    colours = {"monarch": "tab:blue", "hsa": "tab:orange"}
+    styles = {"all layers": "o-", f"layers {ALTERNATING}": "s--", "ErrorBudget": "^:"}
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), sharey=True)
+    for ax, seq_len in zip(axes, seq_lens, strict=True):
+        series: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            if r["seq_len"] == seq_len and not r["selection"].startswith("layer "):
+                kind = "ErrorBudget" if r["selection"].startswith("budget") else r["selection"]
+                series.setdefault((r["method"], kind), []).append(r)
+        for (method, kind), points in sorted(series.items()):
+            points.sort(key=lambda r: r["flops_saved"])
+            x = [100 * r["flops_saved"] for r in points]
+            y = [r["cosine"] for r in points]
+            ax.plot(x, y, styles[kind], color=colours[method], label=f"{method}, {kind}")
+            if kind != "ErrorBudget":
+                for r, xi, yi in zip(points, x, y, strict=True):
+                    text = setting(r["method"], r["options"])
+                    ax.annotate(
+                        text, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                    )
         ax.set_title(f"all-MiniLM-L6-v2, N = {seq_len}")
         ax.set_xlabel("attention FLOPs saved (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("embedding cosine vs original")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png", dpi=120)
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":

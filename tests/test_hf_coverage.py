@@ -48,5 +48,5 @@ def test_decoder_causal_layers_become_causal_sites():
     del inputs["attention_mask"]  # no padding: the causal mask is a constant, hence is_causal
     res = attnrewrite.rewrite(model, (), example_kwargs=inputs, method="monarch")
     assert [s.mask for s in res.report.sites] == ["causal"] * entry.causal_layers
-    # causal Monarch is offered (benchmarks/causal_monarch.py decided it by measurement)
+    # causal Monarch is offered (benchmarks/causal.py decided it by measurement)
     assert all(s.status == "replaced" for s in res.report.sites)
