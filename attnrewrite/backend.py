@@ -2,7 +2,9 @@
 entry point: `torch.compile(model, backend="attnrewrite", options={"method": "monarch", ...})`.
 
 It rewrites the Dynamo graph with the same passes as `rewrite()` and hands it to Inductor (or runs
-it eagerly with `"inner": "eager"`). Nothing here registers at import time: Dynamo loads the entry
+it eagerly with `"inner": "eager"`, or through AOTAutograd without code generation with
+`"inner": "aot_eager"`: the custom ops' fake and backward registrations are traced, compiling in a
+fraction of Inductor's time). Nothing here registers at import time: Dynamo loads the entry
 point by name, and registering twice would trip its duplicate-name assertion.
 """
 
@@ -16,14 +18,14 @@ import torch
 import torch.fx
 
 from .api import rewrite_graph
-from .errors import OptionError
+from .errors import OptionError, warn_once
 from .methods import get_method
 from .report import Report
 
 log = logging.getLogger("attnrewrite")
 
 BACKEND_OPTIONS = ("method", "policy", "inner")
-INNER_COMPILERS = ("inductor", "eager")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 #: Reports of the graphs this process compiled, newest last (for inspection and tests).
 reports: list[Report] = []
@@ -53,7 +55,7 @@ def attnrewrite_backend(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
-    """Dynamo backend: rewrite attention, then compile with Inductor (or run eagerly)."""
+    """Dynamo backend: rewrite attention, then compile with Inductor (or `inner`)."""
     method, method_options, policy, inner = parse_backend_options(options)
     if getattr(policy, "calibration", None) is not None:
         raise OptionError(
@@ -61,16 +63,30 @@ def attnrewrite_backend(
             "calibration=None (or use attnrewrite.rewrite to calibrate on other inputs)"
         )
     calls = [(tuple(example_inputs), {})]
+    before = {name for name, _ in gm.named_parameters()}
     report = rewrite_graph(gm, method, method_options, policy, example_calls=calls)
-    # Methods with per-site parameters (ZeroS adapters) add parameters Dynamo did not trace;
-    # AOTAutograd looks each one up in this map unless it is absent.
-    known = getattr(gm, "_param_name_to_source", None)
-    if known is not None and any(name not in known for name, _ in gm.named_parameters()):
-        del gm._param_name_to_source
+    added = [name for name, _ in gm.named_parameters() if name not in before]
+    if added:
+        warn_once(
+            "compile-parameters",
+            f"the {method} rewrite added parameters inside the compiled graph ({added[0]}, ...): "
+            "they are not parameters of the model, so optimizers, DDP and state_dict do not see "
+            "them and they keep their initial values (a ZeroS adapter outputs 0 until distilled). "
+            "To train or distill them, rewrite first (res = attnrewrite.rewrite(model, inputs, "
+            f"method={method!r}), then attnrewrite.distill(res.module, ...)) and compile "
+            "res.module.",
+        )
+        # AOTAutograd looks every parameter up in this map (of those Dynamo traced) if present.
+        if hasattr(gm, "_param_name_to_source"):
+            del gm._param_name_to_source
     reports.append(report)
     log.info("attnrewrite backend: %s", report.summary())
     if inner == "eager":
         return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import attnrewrite
 from attnrewrite.distill import distill
-from attnrewrite.methods import masks
+from attnrewrite.errors import WARNED
 from attnrewrite.methods.zeros import (
     ZeroSAdapter,
     ZeroSMethod,
@@ -655,7 +655,7 @@ def test_a_mask_zeros_cannot_honor_runs_exact_attention_with_a_warning():
     q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
     window = torch.ones(8, 8, dtype=torch.bool).tril().triu(-2)
     adapter = ZeroSAdapter(2, 4, 4)
-    masks._WARNED.discard("ZeroS")  # the warning is shown once per process
+    WARNED.discard("ZeroS")  # the warning is shown once per process
     with pytest.warns(RuntimeWarning, match="ZeroS site .* ran exact attention"):
         out = adapter(q, k, v, window)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, window))
@@ -686,7 +686,7 @@ def test_site_op_gradients_match_zeros_with_the_mask_folded_in():
 def test_site_op_falls_back_to_exact_attention_and_its_gradients():
     inputs = site_inputs()
     window = torch.ones(10, 10, dtype=torch.bool).tril().triu(-3)
-    with pytest.warns(RuntimeWarning) if "ZeroS" not in masks._WARNED else contextlib.nullcontext():
+    with pytest.warns(RuntimeWarning) if "ZeroS" not in WARNED else contextlib.nullcontext():
         out, exact = zeros_site_attention_op(*inputs, window, False, 0.3)
     assert exact
     q, k, v = inputs[:3]

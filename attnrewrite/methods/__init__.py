@@ -18,7 +18,7 @@ def register_method(method: AttentionMethod) -> None:
 
 
 def get_method(name: str) -> AttentionMethod:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise OptionError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 

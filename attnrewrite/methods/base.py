@@ -14,6 +14,26 @@ from ..errors import OptionError
 from ..site import AttentionSite
 
 
+def check_int_option(option: str, value: Any, minimum: int, requirement: str) -> None:
+    """Raise OptionError unless `value` is an int ≥ `minimum`: bools (an int subclass) and
+    floats are refused too, since a silently truncated or boolean block size is a wrong result.
+
+    requirement: what the option must be, with its meaning, e.g. "an int ≥ 1 (the number of
+    updates)"; the message adds the value and its type when the type is the problem.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return
+    if isinstance(value, bool):
+        hint = " (a bool; pass a number)"
+    elif isinstance(value, float) and value.is_integer() and value >= minimum:
+        hint = f" (a float; write {int(value)})"
+    elif not isinstance(value, int):
+        hint = f" (a {type(value).__name__}; pass a Python int)"
+    else:
+        hint = ""
+    raise OptionError(f"{option} must be {requirement}, got {value!r}{hint}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodOptions:
     """Base for a method's hyperparameters; subclasses add fields and check them in `check`."""
@@ -44,8 +64,9 @@ class AttentionMethod(ABC):
 
     name: ClassVar[str]
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
-    #: True for methods that honor key-padding masks only: sites whose mask varies between
-    #: queries on the example inputs are kept by the substitute pass.
+    #: True for methods that honor key-padding masks and causal masks combined with key padding
+    #: only (`masks.site_mask_terms`): the substitute pass keeps sites whose mask is neither on
+    #: the example inputs ("general").
     key_masks_only: ClassVar[bool] = False
 
     def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..site import AttentionSite
 from .base import AttentionMethod, MethodOptions
+from .masks import with_causal
 
 
 class SDPAMethod(AttentionMethod):
@@ -34,6 +35,8 @@ class SDPAMethod(AttentionMethod):
         )
 
     def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
+        if is_causal and attn_mask is not None:
+            attn_mask, is_causal = with_causal(attn_mask, q.shape[-2], k.shape[-2]), False
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )

@@ -56,9 +56,10 @@ class HSAMethod(AttentionMethod):
         return self.tiling_reason(site, "HSA", "one HSA tree spans queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
-        """The options plus `tree`: the family sizes the site's length gives, root last."""
+        """The options plus `tree`: the family sizes the site's length gives, root last (left
+        out for a symbolic length: a dynamic-shape graph must not guard on the tree)."""
         resolved = options.as_dict()
-        if site.q_len is not None:
+        if isinstance(site.q_len, int):
             resolved["tree"] = hierarchy(site.q_len, resolved["branching"])
         return resolved
 

@@ -294,8 +294,6 @@ def hsa_attention_reference(
     """
     *batch, n, d = q.shape
     dv = v.shape[-1]
-    if n == 0:
-        return v.new_zeros(*batch, 0, dv)
     s = scale if scale is not None else 1.0 / math.sqrt(d)
     sizes = hierarchy(n, check_branching(branching))
     groups = math.prod(batch)

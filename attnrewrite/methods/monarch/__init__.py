@@ -1,8 +1,8 @@
 """MonarchAttention (Yaras et al., NeurIPS 2025): a zero-shot, Θ(N√N·d) attention substitute.
 
 Causal sites are replaced too, by the causal variant of reference.py (exact causal softmax inside
-each block, Monarch over the earlier blocks): benchmarks/causal_monarch.py measured it well ahead
-of block-local causal attention on real activations (benchmarks/results/causal_monarch.json).
+each block, Monarch over the earlier blocks): benchmarks/causal.py measured it well ahead
+of block-local causal attention on real activations (benchmarks/results/causal.json).
 
 Layout: reference.py (the executable spec), stages.py (the same updates as block-attention stages,
 with the explicit backward), torch_stages.py (the stages on the CPU), kernels/monarch.py (the
@@ -18,7 +18,7 @@ import torch
 
 from ...errors import OptionError
 from ...site import AttentionSite
-from ..base import AttentionMethod, MethodOptions
+from ..base import AttentionMethod, MethodOptions, check_int_option
 from .op import kernel_backend, monarch_attention_backward_op, monarch_attention_op
 from .reference import default_block_size, monarch_attention_reference
 
@@ -45,22 +45,21 @@ class MonarchOptions(MethodOptions):
     pad: str = "post"
 
     def check(self) -> None:
-        if self.block_size is not None and (
-            not isinstance(self.block_size, int)
-            or isinstance(self.block_size, bool)
-            or self.block_size < 1
-        ):
-            raise OptionError(
-                f"block_size must be a positive int or None (auto ≈ √N), got {self.block_size!r}"
+        if self.block_size is not None:
+            check_int_option(
+                "block_size",
+                self.block_size,
+                1,
+                "a positive int or None (None: a power of two near √N, from the run-time length)",
             )
-        if (
-            not isinstance(self.num_steps, int)
-            or isinstance(self.num_steps, bool)
-            or (self.num_steps < 1)
-        ):
-            raise OptionError(f"num_steps must be an int ≥ 1, got {self.num_steps!r}")
+        check_int_option(
+            "num_steps", self.num_steps, 1, "an int ≥ 1 (alternating updates T; the default is 2)"
+        )
         if self.pad not in ("post", "pre"):
-            raise OptionError(f"pad must be 'post' or 'pre', got {self.pad!r}")
+            raise OptionError(
+                f"pad must be 'post' or 'pre' (where N is padded up to a multiple of block_size), "
+                f"got {self.pad!r}"
+            )
 
 
 class MonarchMethod(AttentionMethod):
@@ -72,8 +71,10 @@ class MonarchMethod(AttentionMethod):
         return self.tiling_reason(site, "MonarchAttention", "Monarch blocks queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+        """The options, with the block size the site's length gives when it is not symbolic (a
+        dynamic-shape graph must not guard on it: the op resolves it at run time)."""
         resolved = options.as_dict()
-        if resolved["block_size"] is None and site.q_len is not None:
+        if resolved["block_size"] is None and isinstance(site.q_len, int):
             resolved["block_size"] = default_block_size(site.q_len)
         return resolved
 
