@@ -219,9 +219,10 @@ def _shift_back(grad_q_eff: Tensor, causal: bool) -> Tensor:
 
 
 def _safe_div(x: Tensor, denominator: Tensor) -> Tensor:
-    """x / denominator per row, 0 where the denominator is 0 (a block no query weighs)."""
-    positive = denominator > 0
-    return torch.where(positive[..., None], x / torch.where(positive, denominator, 1)[..., None], 0)
+    """x / denominator per row, 0 where the denominator is 0 (a block no query weighs); a NaN
+    denominator stays NaN (a NaN input must not turn into a made-up finite output)."""
+    empty = denominator == 0
+    return torch.where(empty[..., None], 0, x / torch.where(empty, 1, denominator)[..., None])
 
 
 def _sink_weight(diag_lse: Tensor, lse_l: Tensor) -> Tensor:

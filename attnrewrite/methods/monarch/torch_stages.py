@@ -3,23 +3,24 @@
 Each stage is a batch of small attentions (b×b or M×M per group). Groups are processed in
 chunks whose score tile fits in the L2 cache, so the bias, the softmax passes and the matrix
 products of a chunk touch memory once. Products are batched (`torch.bmm`) and read the stages'
-strided views directly (MKL takes the L-update's by-slot rows, row stride b·d, as they are);
-the one exception is the right operand of q·keysᵀ, transposed per chunk, because MKL multiplies
-by a transposed view 2–3× slower than by a contiguous copy at these sizes. Results go straight
-into their views when those are contiguous and are copied from cache otherwise. No Python loop
-runs over blocks or slots, only over chunks of them.
+strided views as they are: MKL takes the L-update's by-slot rows (row stride b·d) and the
+transposed keys of q·keysᵀ natively, and at these sizes a copy into cache costs more than it
+saves (measured on the machine of benchmarks/results/). Results go straight into their views
+when those are contiguous and are copied from cache otherwise. No Python loop runs over blocks
+or slots, only over chunks of them, whose views are made up front (`_Chunks.split`), so a chunk
+issues few ops: each costs a few µs of dispatch under the GIL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .stages import Tensor
+from .stages import StageOps, Tensor
 
 # Score elements per chunk and thread: 2^17 fp32 = 512 KiB, well inside a 1.25 MiB per-core L2
 # (the 2-core machine of benchmarks/results/); larger chunks spill, smaller ones pay dispatch.
@@ -27,12 +28,11 @@ CHUNK_ELEMENTS = 1 << 17
 # Stages with fewer score elements than twice this run on one thread (PyTorch's own grain size).
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
-
-ChunkIndex = slice | tuple[int, slice]
+Parts = Sequence[Tensor]
 
 
 class _Chunks:
-    """Indices that split a stage's [g, group, ...] views into cache-sized chunks.
+    """Splits a stage's [g, group, ...] views into cache-sized chunks.
 
     When one sequence's whole stage fits a chunk, the views are flattened to [g·group, ...]
     (a copy only for the by-slot views of short sequences, where it is cheap) and chunks span
@@ -43,57 +43,68 @@ class _Chunks:
         per_group = rows * cols
         total = groups * n_groups
         self.threads = threads if total * per_group >= 2 * PARALLEL_MIN_ELEMENTS else 1
-        step = max(1, CHUNK_ELEMENTS // per_group)
+        self.step = max(1, CHUNK_ELEMENTS // per_group)
         self.flat = n_groups * per_group <= CHUNK_ELEMENTS
-        self.index: list[ChunkIndex]
         if self.flat:
-            step = min(step, math.ceil(total / self.threads))  # a chunk for every thread
-            self.index = [slice(i, i + step) for i in range(0, total, step)]
+            self.step = min(self.step, math.ceil(total / self.threads))  # a chunk for every thread
+            self.count = math.ceil(total / self.step)
         else:
-            self.index = [
-                (g, slice(i, i + step)) for g in range(groups) for i in range(0, n_groups, step)
-            ]
+            self.count = groups * math.ceil(n_groups / self.step)
         self._pending: list[tuple[Tensor, Tensor]] = []
 
-    def view(self, x: Tensor | None) -> Tensor | None:
-        """An input as the chunk indices address it."""
-        if x is None or not self.flat:
-            return x
-        return x.reshape(-1, *x.shape[2:])
+    def split(self, x: Tensor) -> Parts:
+        """x's chunks, as views (one call each, not one indexing per chunk)."""
+        if self.flat:
+            return x.reshape(-1, *x.shape[2:]).split(self.step)
+        return [part for sequence in x.unbind() for part in sequence.split(self.step)]
 
-    def output(self, x: Tensor | None) -> Tensor | None:
-        """Where results for the view `x` go: x itself, its flattened view, or flat scratch
-        that `run` copies back (a by-slot view cannot be flattened in place)."""
-        if x is None or not self.flat:
-            return x
-        try:
-            return x.view(-1, *x.shape[2:])
-        except RuntimeError:
-            scratch = x.new_empty(x.shape[0] * x.shape[1], *x.shape[2:])
-            self._pending.append((x, scratch))
-            return scratch
+    def output(self, x: Tensor) -> Parts:
+        """The chunks that results for the view `x` go to: views of x, or of flat scratch that
+        `run` copies back (a by-slot view cannot be flattened in place)."""
+        if self.flat:
+            try:
+                x.view(-1, *x.shape[2:])
+            except RuntimeError:
+                scratch = x.new_empty(x.shape[0] * x.shape[1], *x.shape[2:])
+                self._pending.append((x, scratch))
+                return scratch.split(self.step)
+        return self.split(x)
 
-    def run(self, work: Callable[[ChunkIndex], None]) -> None:
-        """work(index) for every chunk, spread over the threads, then the copies back."""
-        threads = min(self.threads, len(self.index))
-        if threads == 1:
-            for index in self.index:
-                work(index)
-        else:
-
-            def share(part: int) -> None:
-                torch.set_num_threads(1)  # this worker's ops run single-threaded
-                for index in self.index[part::threads]:
-                    work(index)
-
-            for done in [_pool(threads).submit(share, part) for part in range(threads)]:
-                done.result()
+    def run(self, work: Callable[[int], None]) -> None:
+        """work(c) for every chunk c, then the copies back. With several threads, each takes
+        the next chunk when it is done with its last, so a thread that the shared machine
+        deschedules delays only its own chunk."""
+        _share(self.count, work, self.threads)
         for target, scratch in self._pending:
             target.copy_(scratch.view(target.shape))
         self._pending.clear()
 
 
+def _share(count: int, work: Callable[[int], None], threads: int) -> None:
+    """work(i) for i < count on up to `threads` threads (the caller's is one of them), each
+    taking the next i when it is done with its last, with single-threaded ops."""
+    threads = min(threads, count)
+    pending = iter(range(count))  # shared: a range iterator's next() is atomic under the GIL
+
+    def share() -> None:
+        for i in pending:
+            work(i)
+
+    helpers = [_pool(threads - 1).submit(_single_threaded, share) for _ in range(threads - 1)]
+    share()
+    for done in helpers:
+        done.result()
+
+
 _pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded(fn: Callable[[], None]) -> None:
+    """fn() on a pool thread: single-threaded ops, and no autograd (grad mode is per thread, and
+    the stages never need it: an op's forward with inputs that require grad must not record)."""
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        fn()
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -120,24 +131,33 @@ def parallel_stage_ops() -> Iterator[TorchStageOps]:
         torch.set_num_threads(threads)
 
 
-def _product(a: Tensor, b: Tensor, target: Tensor | None = None) -> Tensor:
-    """a·b, written straight into `target` when it is contiguous (else the caller copies)."""
-    if target is not None and target.is_contiguous():
-        return torch.bmm(a, b, out=target)
-    return torch.bmm(a, b)
+def by_sequence(
+    ops: StageOps,
+    run: Callable[[slice, StageOps], tuple[Tensor, ...]],
+    groups: int,
+    n: int,
+    block_size: int,
+) -> tuple[Tensor, ...]:
+    """run(sequences, ops) → results along dim 0, for the g sequences of n tokens.
 
+    With `TorchStageOps` on several threads, sequences whose every stage spans 4 chunks or more
+    and one sequence per thread at least, each thread takes the next sequence and runs all its
+    stages with single-threaded ops: its intermediates (aL, y) stay in that core's caches
+    between the stages, and there is no join per stage. On the machine of benchmarks/results/
+    this was 6–10% faster at N = 8K and 16K, and no faster at 4K (2 chunks a stage), where the
+    coarser tasks balance worse and every sequence's intermediates fit the L3 cache anyway.
+    """
+    m = math.ceil(n / block_size)
+    long = m * block_size * min(m, block_size) >= 4 * CHUNK_ELEMENTS
+    if not isinstance(ops, TorchStageOps) or ops.threads == 1 or groups < ops.threads or not long:
+        return run(slice(None), ops)
+    results: list[tuple[Tensor, ...]] = [() for _ in range(groups)]
 
-def _put(dest: Tensor, index: ChunkIndex, value: Tensor) -> None:
-    """dest[index] = value, skipped when `_product` already wrote it there."""
-    target = dest[index]
-    if target.data_ptr() != value.data_ptr():
-        target.copy_(value)
+    def one(i: int) -> None:
+        results[i] = run(slice(i, i + 1), TorchStageOps())
 
-
-def _transposed(x: Tensor) -> Tensor:
-    """xᵀ (last two dims) in contiguous memory: MKL's fast right operand."""
-    out = x.new_empty(*x.shape[:-2], x.shape[-1], x.shape[-2])
-    return out.copy_(x.transpose(-1, -2))
+    _share(groups, one, ops.threads)
+    return tuple(torch.cat(parts) for parts in zip(*results, strict=True))
 
 
 class _Scores:
@@ -155,28 +175,44 @@ class _Scores:
         groups, n_groups, rows = q.shape[:3]
         cols = keys.shape[2]
         self.chunks = _Chunks(groups, n_groups, rows, cols, threads)
-        self.q, self.keys = self.chunks.view(q), self.chunks.view(keys)
-        self.bias = self.chunks.view(None if bias is None else bias.contiguous())
+        self.q, self.keys = self.chunks.split(q), self.chunks.split(keys)
+        self.bias = None if bias is None else self.chunks.split(bias.unsqueeze(-2))
         self.scale = scale
+        self.ignored = q.new_empty(())  # baddbmm's `input`, ignored with beta = 0
         self.mask = None
         if causal is not None:
             hidden = torch.ones(rows, cols, device=q.device, dtype=torch.bool).triu(causal + 1)
             zeros = torch.zeros(rows, cols, device=q.device, dtype=q.dtype)
             self.mask = zeros.masked_fill(hidden, -math.inf)
 
-    def __call__(self, index: ChunkIndex) -> tuple[Tensor, Tensor]:
-        """The chunk's scores and its rows q, contiguous: a by-slot chunk reads q with a row
-        stride of b·d, which costs MKL more than one copy into cache."""
-        rows = self.q[index].contiguous()
-        keys_t = _transposed(self.keys[index])
-        if self.bias is None:  # baddbmm scales inside the product; beta = 0 ignores `input`
-            ignored = rows.new_empty(()).expand(rows.shape[0], rows.shape[1], keys_t.shape[-1])
-            scores = torch.baddbmm(ignored, rows, keys_t, beta=0.0, alpha=self.scale)
-        else:
-            scores = torch.baddbmm(self.bias[index][..., None, :], rows, keys_t, alpha=self.scale)
+    def __call__(self, c: int) -> Tensor:
+        """Chunk c's scores (baddbmm scales inside the product)."""
+        rows, keys = self.q[c], self.keys[c]
+        shape = (rows.shape[0], rows.shape[1], keys.shape[1])
+        if self.bias is None:
+            ignored = self.ignored.expand(shape)
+            scores = torch.baddbmm(ignored, rows, keys.mT, beta=0.0, alpha=self.scale)
+        else:  # the bias is copied into the result, and the product added to it
+            scores = torch.baddbmm(self.bias[c].expand(shape), rows, keys.mT, alpha=self.scale)
         if self.mask is not None:
             scores += self.mask
-        return scores, rows
+        return scores
+
+
+def _bmm_into(a: Tensor, b: Tensor, target: Tensor) -> Tensor:
+    """target = a·b. bmm's `out=` takes a strided target one matrix at a time; a product into
+    fresh memory and one copy is cheaper."""
+    if target.is_contiguous():
+        return torch.bmm(a, b, out=target)
+    return target.copy_(torch.bmm(a, b))
+
+
+def _split(chunks: _Chunks, x: Tensor | None) -> Parts | None:
+    return None if x is None else chunks.split(x)
+
+
+def _output(chunks: _Chunks, x: Tensor | None) -> Parts | None:
+    return None if x is None else chunks.output(x)
 
 
 class TorchStageOps:
@@ -208,56 +244,42 @@ class TorchStageOps:
         transposed_out: Tensor | None = None,
     ) -> None:
         scores_of = _Scores(q, keys, bias, scale, causal, self.threads)
-        view, output = scores_of.chunks.view, scores_of.chunks.output
-        values, sink_logit, sink_value = view(values), view(sink_logit), view(sink_value)
-        transposed = view(transposed)
-        out, lse, keys_out, keys_dot = output(out), output(lse), output(keys_out), output(keys_dot)
-        transposed_out = output(transposed_out)
+        chunks = scores_of.chunks
+        values_c, sink_logit_c = _split(chunks, values), _split(chunks, sink_logit)
+        sink_value_c, transposed_c = _split(chunks, sink_value), _split(chunks, transposed)
+        out_c, lse_c = _output(chunks, out), _output(chunks, lse)
+        keys_out_c, keys_dot_c = _output(chunks, keys_out), _output(chunks, keys_dot)
+        transposed_out_c = _output(chunks, transposed_out)
         lowest = torch.finfo(q.dtype).min  # the max of a row that sees nothing
-        # Without lse, sink or causal mask, torch.softmax (one fused pass) does; a row sees
-        # nothing only when its group's bias is −inf throughout.
-        fused = lse is None and sink_logit is None and causal is None
-        blind = None
-        if scores_of.bias is not None:
-            blind = torch.isneginf(scores_of.bias).all(-1)
-            blind = blind if bool(blind.any()) else None
+        tiny = torch.finfo(q.dtype).tiny
 
-        def chunk(index: ChunkIndex) -> None:
-            probs, rows = scores_of(index)
-            if fused:
-                probs = torch.softmax(probs, -1)
-                if blind is not None:
-                    probs.masked_fill_(blind[index][..., None, None], 0.0)
-                if out is not None and values is not None:
-                    _put(out, index, _product(probs, values[index].contiguous(), out[index]))
-                return
+        def chunk(c: int) -> None:
+            probs = scores_of(c)
             top = probs.amax(-1, keepdim=True)
-            if sink_logit is not None:
-                sink = sink_logit[index][..., None]
+            if sink_logit_c is not None:
+                sink = sink_logit_c[c][..., None]
                 top = torch.maximum(top, sink)
             top.clamp_min_(lowest)
             probs.sub_(top).exp_()
             total = probs.sum(-1, keepdim=True)
-            if sink_logit is not None:
+            if sink_logit_c is not None:
                 sink_weight = torch.exp(sink - top)
                 total += sink_weight
-            inverse = total.clamp_min(torch.finfo(total.dtype).tiny).reciprocal_()
+            inverse = total.clamp_min(tiny).reciprocal_()
             probs.mul_(inverse)
-            if out is not None and values is not None:
-                result = _product(probs, values[index].contiguous(), out[index])
-                if sink_value is not None:
-                    result.addcmul_(sink_weight * inverse, sink_value[index])
-                _put(out, index, result)
-            if keys_out is not None and keys_dot is not None:
-                result = _product(probs, scores_of.keys[index], keys_out[index])
-                _put(keys_out, index, result)
-                keys_dot[index] = torch.linalg.vecdot(rows, result)
-            if lse is not None:
-                lse[index] = (top + total.log_()).squeeze(-1)
-            if transposed_out is not None and transposed is not None:
-                transposed_out[index] = torch.bmm(probs.transpose(-1, -2), transposed[index])
+            if out_c is not None and values_c is not None:
+                result = _bmm_into(probs, values_c[c], out_c[c])
+                if sink_value_c is not None:
+                    result.addcmul_(sink_weight * inverse, sink_value_c[c])
+            if keys_out_c is not None and keys_dot_c is not None:
+                result = _bmm_into(probs, scores_of.keys[c], keys_out_c[c])
+                torch.linalg.vecdot(scores_of.q[c], result, out=keys_dot_c[c])
+            if lse_c is not None:
+                torch.add(top, total.log_(), out=lse_c[c].unsqueeze(-1))
+            if transposed_out_c is not None and transposed_c is not None:
+                _bmm_into(probs.mT, transposed_c[c], transposed_out_c[c])
 
-        scores_of.chunks.run(chunk)
+        chunks.run(chunk)
 
     def attend_grads(
         self,
@@ -278,25 +300,25 @@ class TorchStageOps:
         transposed_out: Tensor | None = None,
     ) -> None:
         scores_of = _Scores(q, keys, bias, scale, causal, self.threads)
-        view, output = scores_of.chunks.view, scores_of.chunks.output
-        keys, values, lse = view(keys), view(values), view(lse)
-        d_out, delta, transposed = view(d_out), view(delta), view(transposed)
-        dq, dkeys, dbias = output(dq), output(dkeys), output(dbias)
-        transposed_out = output(transposed_out)
+        chunks = scores_of.chunks
+        values_c, lse_c = chunks.split(values), chunks.split(lse.unsqueeze(-1))
+        d_out_c, delta_c = chunks.split(d_out), chunks.split(delta.unsqueeze(-1))
+        transposed_c = _split(chunks, transposed)
+        dq_c, dkeys_c, dbias_c = chunks.output(dq), chunks.output(dkeys), _output(chunks, dbias)
+        transposed_out_c = _output(chunks, transposed_out)
 
-        def chunk(index: ChunkIndex) -> None:
+        def chunk(c: int) -> None:
             # a row that sees nothing has lse −inf and P = 0: shift it by +inf instead
-            row_lse = lse[index][..., None]
-            row_lse = row_lse.masked_fill(torch.isneginf(row_lse), math.inf)
-            probs, rows = scores_of(index)
+            row_lse = lse_c[c].masked_fill(torch.isneginf(lse_c[c]), math.inf)
+            probs = scores_of(c)
             probs.sub_(row_lse).exp_()
-            if transposed_out is not None and transposed is not None:
-                transposed_out[index] = torch.bmm(probs.transpose(-1, -2), transposed[index])
-            d_scores = torch.bmm(d_out[index], _transposed(values[index]))
-            d_scores.sub_(delta[index][..., None]).mul_(probs)
-            dq[index] = torch.bmm(d_scores, keys[index]).mul_(scale)
-            dkeys[index] = torch.bmm(d_scores.transpose(-1, -2), rows).mul_(scale)
-            if dbias is not None:
-                dbias[index] = d_scores.sum(-2)
+            if transposed_out_c is not None and transposed_c is not None:
+                _bmm_into(probs.mT, transposed_c[c], transposed_out_c[c])
+            d_scores = torch.bmm(d_out_c[c], values_c[c].mT)
+            d_scores.sub_(delta_c[c]).mul_(probs)
+            _bmm_into(d_scores, scores_of.keys[c], dq_c[c]).mul_(scale)
+            _bmm_into(d_scores.mT, scores_of.q[c], dkeys_c[c]).mul_(scale)
+            if dbias_c is not None:
+                torch.sum(d_scores, -2, out=dbias_c[c])
 
-        scores_of.chunks.run(chunk)
+        chunks.run(chunk)
