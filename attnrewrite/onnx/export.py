@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxscript
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -114,10 +115,12 @@ def export_onnx(
     specs: dict[str, FunctionSpec] = {}
 
     def translation(lower):
-        def translate(q, k, v, attn_mask=None, *args, **call_options):
-            spec = lower(q, k, v, attn_mask, *args, **call_options)
+        def translate(*args, **call_options):
+            spec = lower(*args, **call_options)
             specs.setdefault(spec.name, spec)
-            return spec.call(*(x for x in (q, k, v, attn_mask) if x is not None))
+            # The function's inputs: the call's tensors in order (options and None left out).
+            values = (*args, *call_options.values())
+            return spec.call(*(x for x in values if isinstance(x, onnxscript.ir.Value)))
 
         return translate
 

@@ -25,6 +25,9 @@ from onnx.defs import OpSchema
 DOMAIN = "attnrewrite"
 _OPSET = onnxscript.values.Opset(DOMAIN, 1)
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(bool)"]
+#: Inputs with one value per key or per query, (…, N): their last dim is that length.
+PER_KEY_INPUTS = ("key_logits", "key_padding_mask")
+PER_QUERY_INPUTS = ("gate_first", "gate_residual")
 _ONNX_TO_TORCH = {
     onnx.TensorProto.FLOAT: torch.float32,
     onnx.TensorProto.FLOAT16: torch.float16,
@@ -59,8 +62,9 @@ class TensorLayout:
 class FunctionSpec:
     """One ONNX function: a name prefix, hyperparameters, input layouts and the PyTorch body.
 
-    Inputs are named q, k, v and optionally mask; `cross` says the key length may differ from
-    the query length.
+    Inputs are named q, k, v, optionally mask, and per-token inputs (PER_KEY_INPUTS,
+    PER_QUERY_INPUTS); `cross` says the key length may differ from the query length. outputs:
+    (name, type) per output of the body; the type is an ONNX type or "T0", the type of q.
     """
 
     prefix: str
@@ -68,6 +72,7 @@ class FunctionSpec:
     inputs: tuple[tuple[str, TensorLayout], ...]
     body: Callable[..., torch.Tensor] = dataclasses.field(compare=False, hash=False)
     cross: bool = False
+    outputs: tuple[tuple[str, str], ...] = (("out", "T0"),)
     # Example sequence length for the export: one where every code path of the body is taken
     # (e.g. Monarch: more than one block and a ragged last block), so nothing specializes.
     example_length: int = 67
@@ -86,7 +91,7 @@ class FunctionSpec:
             DOMAIN,
             1,
             inputs=params,
-            outputs=[OpSchema.FormalParameter("out", "T0")],
+            outputs=[OpSchema.FormalParameter(n, t) for n, t in self.outputs],
             type_constraints=[(f"T{i}", _TYPES, "") for i in range(len(self.inputs))],
         )
         return onnxscript.values.Op(_OPSET, self.name, schema)(*values)
@@ -133,9 +138,14 @@ class FunctionSpec:
         """The size symbol of a dynamic dim, shared by every input dim of the same size.
 
         Dims align from the right as in broadcasting: -1 is the head dim (the key length for the
-        mask), -2 the sequence length, the rest batch dims.
+        mask), -2 the sequence length, the rest batch dims; a per-token input is aligned as q
+        without its head dim.
         """
         key_length = "S" if self.cross else "N"
+        if name in PER_KEY_INPUTS or name in PER_QUERY_INPUTS:  # (…, N): q's dims without d
+            if dim_from_right == -1:
+                return key_length if name in PER_KEY_INPUTS else "N"
+            return self._symbol("q", dim_from_right - 1)
         if dim_from_right == -1:
             return {"v": "Dv", "mask": key_length}.get(name, "D")
         if dim_from_right == -2:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from ...errors import OptionError, UnsupportedInputError
+from ...errors import UnsupportedInputError
 from ...site import AttentionSite
-from ..base import AttentionMethod, MethodOptions
+from ..base import AttentionMethod, MethodOptions, check_int_option
 from .adapter import ZeroSAdapter, site_mask_terms, zeros_site_attention_op
 from .linear import zeros_linear
 from .op import force_triton_kernels, zeros_attention, zeros_attention_op
@@ -42,10 +42,7 @@ class ZeroSOptions(MethodOptions):
     qk_rank: int = 0
 
     def check(self) -> None:
-        if not isinstance(self.qk_rank, int) or isinstance(self.qk_rank, bool) or self.qk_rank < 0:
-            raise OptionError(
-                f"qk_rank must be an int ≥ 0 (0: no q/k update), got {self.qk_rank!r}"
-            )
+        check_int_option("qk_rank", self.qk_rank, 0, "an int ≥ 0 (0: no q/k update)")
 
 
 class ZeroSMethod(AttentionMethod):

@@ -133,13 +133,52 @@ def _key_features(
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over the chunks before each chunk (dim 1)."""
-    return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1].cumsum(dim=1)), dim=1)
+    """Σ over the chunks before each chunk (dim 1). Narrowed, not sliced to R − 1 chunks: under
+    torch.export a dynamic size R − 1 would specialize R ≠ 2."""
+    total = torch.cat((torch.zeros_like(x[:, :1]), x.cumsum(dim=1)), dim=1)
+    return total.narrow(1, 0, x.shape[1])
 
 
 def _outer_sum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Σ_n left_nᵀ right_n over the row axis: (…, n, d), (…, n, e) → (…, d, e)."""
     return left.transpose(-2, -1) @ right
+
+
+def _chunk_step(
+    carry: tuple[torch.Tensor, ...], chunk: tuple[torch.Tensor, ...]
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One chunk of the causal recurrence. carry: (F, E, m), the sums so far relative to their
+    max m (−inf: none yet); chunk: its own (F, E, max). Returns the carry after the chunk and
+    (F, E, m before it, m after it). Both rescales are e^{x − m_new} ≤ 1."""
+    f, e, m = carry
+    local_f, local_e, local_m = chunk
+    m_new = torch.maximum(m, local_m)
+    r_old, r_local = rescale(m, m_new), rescale(local_m, m_new)
+    f_new = f * r_old[:, None, None] + local_f * r_local[:, None, None]
+    e_new = e * r_old + local_e * r_local
+    # scan's body may not return its inputs, nor one tensor twice: hence the clones.
+    return (f_new, e_new, m_new), (f.clone(), e.clone(), m.clone(), m_new.clone())
+
+
+def _states_before_chunks(
+    local_f: torch.Tensor, local_e: torch.Tensor, local_m: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(F, E, m) before each chunk and the max m after it, (G, R, ·), from each chunk's own
+    (F, E, max) (G, R, ·). Under torch.export (the ONNX function body) the recurrence is a scan
+    (ONNX Scan), so the number of chunks stays dynamic; eagerly a loop, which is faster."""
+    init = (torch.zeros_like(local_f[:, 0]), torch.zeros_like(local_e[:, 0]),
+            torch.full_like(local_m[:, 0], NEG_INF))  # fmt: skip
+    chunks = (local_f, local_e, local_m)
+    if torch.compiler.is_exporting():
+        from torch._higher_order_ops.scan import scan
+
+        _, stacked = scan(_chunk_step, init, tuple(x.movedim(1, 0) for x in chunks))
+        return tuple(x.movedim(0, 1) for x in stacked)
+    carry, steps = init, []
+    for c in range(local_m.shape[1]):
+        carry, out = _chunk_step(carry, tuple(x[:, c] for x in chunks))
+        steps.append(out)
+    return tuple(torch.stack(x, dim=1) for x in zip(*steps, strict=True))
 
 
 @dataclasses.dataclass
@@ -199,7 +238,7 @@ def _pieces(inputs: PreparedInputs, is_causal: bool, chunk_size: int | None) -> 
         return _non_causal_pieces(q_hat, q_norm, k_hat, k_norm, v, s, valid, inputs)
     groups, n = s.shape
     chunk_size = chunk_size or max(1, min(MAX_CHUNK_SIZE, n))
-    n_chunks = max(1, math.ceil(n / chunk_size))
+    n_chunks = max(1, -(-n // chunk_size))  # ceil, as an integer: symbolic under export
     pad = n_chunks * chunk_size - n
 
     def chunks(x: torch.Tensor, fill: float | bool = 0.0) -> torch.Tensor:
@@ -210,33 +249,24 @@ def _pieces(inputs: PreparedInputs, is_causal: bool, chunk_size: int | None) -> 
     sc, validc = chunks(s), chunks(valid, fill=False)
     g1, gh = chunks(inputs.gate_first), chunks(inputs.gate_residual)
 
-    # m_t: the prefix max of the valid logits; at a chunk's last row it closes the chunk.
-    m_row = torch.cummax(torch.where(validc, sc, NEG_INF).flatten(1), dim=-1).values
-    m_row = m_row.view(groups, n_chunks, chunk_size)
-    m_end = m_row[..., -1]
-
-    # Each chunk's own sums relative to the max at its end, then the state before each chunk.
-    e_local = torch.exp(torch.where(validc, sc - finite_max(m_end)[..., None], NEG_INF))
-    local = _outer_sum(_key_features(kc, e_local, sc, validc), vc)  # [F; G; H] per chunk
-    d = kc.shape[-1]
-    state = torch.empty_like(local)
-    state[:, :, d:] = _exclusive_cumsum(local[:, :, d:])  # G and H need no rescaling
-    e0, m0 = torch.empty_like(m_end), torch.empty_like(m_end)
-    state_f, state_e = torch.zeros_like(local[:, 0, :d]), torch.zeros_like(m_end[:, 0])
-    state_m = torch.full_like(m_end[:, 0], NEG_INF)
-    for c in range(n_chunks):
-        state[:, c, :d], e0[:, c], m0[:, c] = state_f, state_e, state_m
-        r = rescale(state_m, m_end[:, c])
-        state_f = state_f * r[:, None, None] + local[:, c, :d]
-        state_e = state_e * r + e_local[:, c].sum(-1)
-        state_m = m_end[:, c]
-    p0, n0 = _exclusive_cumsum(sc.sum(-1)), _exclusive_cumsum(validc.sum(-1))
-
+    # m_t, the prefix max of the valid logits: the max before the chunk (from the recurrence)
+    # and the prefix max inside it (a C×C masked max: cummax has no ONNX lowering).
     allowed = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=s.device).tril()
     allowed = allowed & validc[..., None, :]
-    e_intra = torch.exp(
-        torch.where(allowed, sc[..., None, :] - finite_max(m_row)[..., None], NEG_INF)
-    )
+    pair_logits = torch.where(allowed, sc[..., None, :], NEG_INF)  # s_i for the pairs i ≤ t
+    m_inside = pair_logits.amax(-1)
+    chunk_max = m_inside[..., -1]
+
+    # Each chunk's own sums relative to its own max, then the state before each chunk.
+    e_local = torch.exp(torch.where(validc, sc - finite_max(chunk_max)[..., None], NEG_INF))
+    local = _outer_sum(_key_features(kc, e_local, sc, validc), vc)  # [F; G; H] per chunk
+    d = kc.shape[-1]
+    state_f, e0, m0, m_end = _states_before_chunks(local[:, :, :d], e_local.sum(-1), chunk_max)
+    state = torch.cat((state_f, _exclusive_cumsum(local[:, :, d:])), dim=2)  # G, H: no rescale
+    p0, n0 = _exclusive_cumsum(sc.sum(-1)), _exclusive_cumsum(validc.sum(-1))
+
+    m_row = torch.maximum(m0[..., None], m_inside)
+    e_intra = torch.exp(pair_logits - finite_max(m_row)[..., None])
     r_row = rescale(m0[..., None], m_row)
     exp_sum = e0[..., None] * r_row + e_intra.sum(-1)
     logit_sum = p0[..., None] + sc.cumsum(-1)
