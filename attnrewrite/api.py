@@ -52,24 +52,39 @@ def rewrite_graph(
 
 
 def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, dict]]) -> None:
-    """Mark full masks that differ between queries on the example inputs as "general".
+    """Classify full masks by their values on the example inputs: "causal_key" where rows differ
+    as a causal mask combined with key padding does (decoders), "general" where they differ
+    otherwise (position biases, windows).
 
     A (…, N, N) mask cannot be proven a key-padding mask from the graph; running the graph once
-    on the example inputs can prove it is not one (causal + padding, position biases), so methods
-    that honor key masks only keep such sites at rewrite time instead of falling back at run time.
+    on the example inputs can prove it is not one, so methods that honor key masks only keep
+    "general" sites at rewrite time instead of falling back at run time. One mask node often
+    feeds every layer's site.
     """
-    targets = {s.sdpa.attn_mask: s for s in sites if s.mask == "full" and s.sdpa is not None}
+    targets: dict[torch.fx.Node, list] = {}
+    for site in sites:
+        if site.mask == "full" and site.sdpa is not None:
+            targets.setdefault(site.sdpa.attn_mask, []).append(site)
     if not targets or not calls or not hasattr(gm, "_in_spec"):
         return
     import torch.fx._pytree as fx_pytree
 
+    from .methods.masks import is_causal_padding_mask
+
+    rank = {"full": 0, "causal_key": 1, "general": 2}
+
     class Probe(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
             value = super().run_node(node)
-            if node in targets and isinstance(value, torch.Tensor):
-                rows_equal = bool((value == value[..., :1, :]).all())
-                if not rows_equal:
-                    targets[node].mask = "general"
+            if node in targets and isinstance(value, torch.Tensor) and value.dim() >= 2:
+                if bool((value == value[..., :1, :]).all()):
+                    kind = "full"
+                elif value.shape[-1] == value.shape[-2] and bool(is_causal_padding_mask(value)):
+                    kind = "causal_key"
+                else:
+                    kind = "general"
+                for site in targets[node]:
+                    site.mask = max(site.mask, kind, key=rank.__getitem__)
             return value
 
     for args, kwargs in calls:

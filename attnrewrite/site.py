@@ -8,8 +8,9 @@ from typing import Any, Literal
 import torch.fx
 
 # "full": (…, N, N), a key-padding mask only if its rows are equal (checked at run time);
-# "general": a full mask whose rows differ on the example inputs (causal + padding, biases).
-MaskKind = Literal["none", "key", "full", "general", "causal"]
+# "causal_key": a full mask that is causal combined with key padding on the example inputs
+# (decoders; checked again at run time); "general": a full mask whose rows differ otherwise.
+MaskKind = Literal["none", "key", "full", "causal_key", "general", "causal"]
 Status = Literal["found", "replaced", "kept"]
 
 

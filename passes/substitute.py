@@ -38,8 +38,9 @@ def substitute(
         reason = policy(site) if policy is not None else None
         if method.key_masks_only and site.mask == "general":
             reason = reason or (
-                f"the mask varies between queries on the example inputs (causal or a bias); "
-                f"{method.name} honors key-padding masks only"
+                "the mask varies between queries on the example inputs and is neither causal "
+                f"nor key padding (a bias or a window); {method.name} honors key-padding and "
+                "causal masks only"
             )
         reason = reason or method.unsupported_reason(site, site_options)
         if reason:

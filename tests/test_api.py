@@ -53,9 +53,14 @@ def test_option_values_are_checked(options, message):
 
 def test_monarch_refuses_masks_it_cannot_honor():
     q, k, v = qkv()
-    causal = torch.ones(16, 16, dtype=torch.bool).tril()
-    with pytest.raises(attnrewrite.UnsupportedInputError, match="key-padding masks only"):
-        attnrewrite.attention(q, k, v, causal, method="monarch")
+    window = torch.ones(16, 16, dtype=torch.bool).tril().triu(-3)
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="this mask is neither"):
+        attnrewrite.attention(q, k, v, window, method="monarch")
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()  # causal with no padding: honored
+    torch.testing.assert_close(
+        attnrewrite.attention(q, k, v, causal, method="monarch", block_size=4),
+        attnrewrite.attention(q, k, v, is_causal=True, method="monarch", block_size=4),
+    )
     with pytest.raises(attnrewrite.UnsupportedInputError, match="cross-attention"):
         attnrewrite.attention(q, torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), method="monarch")
 

@@ -344,7 +344,7 @@ def test_masks_that_differ_between_queries_raise_or_run_exact_attention_in_graph
     q, k, v = random_qkv(1, 2, 12, 8)
     mask = torch.rand(12, 12) > 0.3
     mask.fill_diagonal_(True)
-    with pytest.raises(UnsupportedInputError, match="key-padding masks only"):
+    with pytest.raises(UnsupportedInputError, match="this mask is neither"):
         attnrewrite.attention(q, k, v, mask, method="hsa", branching=(4,))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
+import math
 
 import torch
 
-_WARNED: set[str] = set()
+from ..errors import warn_once
 
 
 def key_mask_terms(
@@ -36,14 +36,66 @@ def key_mask_terms(
     return key_bias, (~masked).to(dtype)
 
 
+def site_mask_terms(
+    attn_mask: torch.Tensor,
+    batch: tuple[int, ...],
+    n_queries: int,
+    n_keys: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(key_bias, key_valid, is_causal) for an SDPA mask the approximate methods honor exactly;
+    None for any other.
+
+    Honored: a key-padding mask (`key_mask_terms`: a mask whose rows are all equal), and a
+    (…, N, N) mask that is a causal mask combined with a key-padding mask, as decoder models
+    build them (`is_causal_padding_mask`): the method then runs its causal form with the last
+    row's key terms. key_bias (…, Nk) is the additive per-key bias, key_valid (…, Nk) marks the
+    unmasked keys.
+    """
+    terms = key_mask_terms(attn_mask, batch, n_keys, dtype)
+    if terms is None:
+        if attn_mask.dim() < 2 or n_queries != n_keys or attn_mask.shape[-2] != n_queries:
+            return None
+        if not bool(is_causal_padding_mask(attn_mask)):
+            return None
+        key_bias, query_weight = key_mask_terms(attn_mask[..., -1:, :], batch, n_keys, dtype)
+        return key_bias, query_weight > 0, True
+    key_bias, query_weight = terms
+    return key_bias, query_weight > 0, False
+
+
+def is_causal_padding_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Whether a (…, N, N) SDPA mask is a causal mask combined with a key-padding mask: every key
+    j > t masked in row t, and row t equal to the last row on keys j ≤ t. A 0-d bool tensor, not
+    a bool, so that an exported graph (the ONNX lowering) decides it at run time.
+
+    A float mask must also leave every row a key: SDPA spreads a row whose keys are all masked
+    with a finite value (finfo.min, as Hugging Face's eager masks do for left padding) evenly over
+    all N keys, later ones included, which no causal form reproduces.
+    """
+    n = attn_mask.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=attn_mask.device).tril()
+    lower_equals_last_row = ((attn_mask == attn_mask[..., -1:, :]) | ~causal).all()
+    if attn_mask.dtype == torch.bool:
+        return (causal | ~attn_mask).all() & lower_equals_last_row
+    masked = attn_mask <= torch.finfo(attn_mask.dtype).min
+    every_row_sees_a_key = (~masked).any(dim=-1).all()
+    return (causal | masked).all() & lower_equals_last_row & every_row_sees_a_key
+
+
+def with_causal(attn_mask: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
+    """attn_mask with every key after its query masked too (SDPA's top-left alignment), for
+    exact attention with both: some SDPA backends refuse a mask together with is_causal=True."""
+    later = torch.ones(n_queries, n_keys, device=attn_mask.device, dtype=torch.bool).triu(1)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & ~later
+    return attn_mask.masked_fill(later, -math.inf)
+
+
 def warn_exact_fallback(method: str) -> None:
     """Warn once per method that a site got a mask it cannot honor and ran exact attention."""
-    if method in _WARNED:
-        return
-    _WARNED.add(method)
-    warnings.warn(
-        f"attnrewrite: a {method} site received a mask that differs between queries (not a "
-        "key-padding mask); it ran exact attention instead. This warning is shown once.",
-        RuntimeWarning,
-        stacklevel=3,
+    warn_once(
+        method,
+        f"a {method} site received a mask that differs between queries and is neither a "
+        "key-padding mask nor causal with key padding; it ran exact attention instead.",
     )

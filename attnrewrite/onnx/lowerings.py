@@ -1,8 +1,9 @@
 """How each method's custom op becomes an ONNX function: its configuration and PyTorch body.
 
 A body must be exportable with dynamic shapes: no data-dependent Python branches. The run-time
-check that a (…, N, N) mask is a key-padding mask becomes `torch.cond`, i.e. an ONNX `If` that
-runs exact attention when the rows differ, as the PyTorch op does.
+check of a (…, N, N) mask (a key-padding mask, a causal + key-padding mask, or neither: exact
+attention) becomes `torch.cond`, i.e. ONNX `If` nodes, as the PyTorch op decides it. ZeroS is
+lowered in its linear form (O(N)): the causal recurrence over tokens becomes an ONNX `Scan`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
 from ..methods.hsa.reference import hsa_attention_reference
-from ..methods.masks import key_mask_terms
+from ..methods.masks import is_causal_padding_mask, key_mask_terms, with_causal
 from ..methods.monarch.reference import default_block_size, monarch_attention_reference
+from ..methods.zeros.adapter import with_key_bias
+from ..methods.zeros.op import zeros_attention_linear
 from .functions import FunctionSpec, TensorLayout
 
 
@@ -31,30 +34,48 @@ def _key_masked(
     *,
     scale: float | None,
     enable_gqa: bool,
+    is_causal: bool,
 ) -> torch.Tensor:
-    """Run `approximate(q, k, v, key_bias, query_weight)` on a key mask; exact attention for a
-    mask that varies between queries (decided in the graph, like the PyTorch op decides)."""
+    """Run `approximate(q, k, v, key_bias, query_weight, is_causal=...)` on the masks the PyTorch
+    op honors (`masks.site_mask_terms`), deciding in the graph as the op decides at run time: a
+    key-padding mask → the approximation; a causal + key-padding mask → its causal form with the
+    last row's key terms; any other mask → exact attention (an ONNX If)."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     stats = torch.promote_types(q.dtype, torch.float32)
+    if mask is None:
+        return approximate(q, k, v, None, None, is_causal=is_causal)
 
-    def with_key_mask(q, k, v, mask):
-        terms = (
-            (None, None)
-            if mask is None
-            else key_mask_terms(mask[..., :1, :], tuple(q.shape[:-2]), q.shape[-2], stats)
+    def approximation(causal: bool) -> Callable[..., torch.Tensor]:
+        def branch(q, k, v, mask):
+            row = mask[..., -1:, :]  # any row of a key mask; the full row of a causal one
+            terms = key_mask_terms(row, tuple(q.shape[:-2]), q.shape[-2], stats)
+            return approximate(q, k, v, *terms, is_causal=causal)
+
+        return branch
+
+    if mask.dim() < 2 or mask.shape[-2] == 1:
+        return approximation(is_causal)(q, k, v, mask)
+
+    def rows_equal(mask: torch.Tensor) -> torch.Tensor:
+        return (mask == mask[..., :1, :]).all()
+
+    def honored(q, k, v, mask):
+        if is_causal:
+            return approximation(True)(q, k, v, mask)
+        return torch.cond(
+            rows_equal(mask), approximation(False), approximation(True), (q, k, v, mask)
         )
-        return approximate(q, k, v, *terms)
 
-    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
-        return with_key_mask(q, k, v, mask)
-    rows_equal = (mask == mask[..., :1, :]).all()
+    def exact(q, k, v, mask):
+        n = q.shape[-2]
+        return F.scaled_dot_product_attention(
+            q, k, v, with_causal(mask, n, n) if is_causal else mask, scale=scale
+        )
+
     return torch.cond(
-        rows_equal,
-        with_key_mask,
-        lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, mask, scale=scale),
-        (q, k, v, mask),
+        rows_equal(mask) | is_causal_padding_mask(mask), honored, exact, (q, k, v, mask)
     )
 
 
@@ -86,7 +107,6 @@ def monarch_spec(
         block_size=block_size,
         num_steps=num_steps,
         pad=pad,
-        is_causal=is_causal,
     )
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
     if attn_mask is not None:
@@ -99,7 +119,9 @@ def monarch_spec(
         ("scale", scale),
         ("gqa", enable_gqa),
     )
-    body = functools.partial(_key_masked, approximate, scale=scale, enable_gqa=enable_gqa)
+    body = functools.partial(
+        _key_masked, approximate, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
+    )
     # More than one block, and a ragged last one: the export then keeps padding and block count
     # symbolic instead of specializing them.
     example_length = 2 * block_size + (3 if block_size > 3 else 1)
@@ -126,9 +148,7 @@ def hsa_spec(
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::hsa_attention` call."""
     branching = tuple(branching)
-    approximate = functools.partial(
-        _hsa_approximation, scale=scale, branching=branching, is_causal=is_causal
-    )
+    approximate = functools.partial(_hsa_approximation, scale=scale, branching=branching)
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
     if attn_mask is not None:
         inputs.append(("mask", TensorLayout.of(attn_mask)))
@@ -138,7 +158,9 @@ def hsa_spec(
         ("scale", scale),
         ("gqa", enable_gqa),
     )
-    body = functools.partial(_key_masked, approximate, scale=scale, enable_gqa=enable_gqa)
+    body = functools.partial(
+        _key_masked, approximate, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
+    )
     # Every level of the tree present, and ragged groups: nothing specializes in the export.
     example_length = 2 * math.prod(branching) + 3
     return FunctionSpec(
@@ -149,6 +171,125 @@ def hsa_spec(
 def _hsa_approximation(q, k, v, key_bias, query_weight, **options):
     valid = None if query_weight is None else query_weight > 0
     return hsa_attention_reference(q, k, v, key_bias, valid, **options)
+
+
+#: ZeroS functions run the causal form with chunks of one token: the recurrence over tokens is an
+#: ONNX Scan (O(N), a d×dv state per step) and no padding to a chunk multiple is needed, whose
+#: size arithmetic would make torch.export specialize the sequence length.
+_ZEROS_CHUNK = 1
+
+
+def _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual) -> list[tuple[str, Any]]:
+    names = ("q", "k", "v", "key_logits", "gate_first", "gate_residual")
+    values = (q, k, v, key_logits, gate_first, gate_residual)
+    return [(name, TensorLayout.of(x)) for name, x in zip(names, values, strict=True)]
+
+
+def _may_differ(n_queries: Any, n_keys: Any) -> bool:
+    """Whether the query and key lengths (ints, or ONNX symbolic dims, named) may differ."""
+    return str(n_queries) != str(n_keys)
+
+
+def zeros_spec(
+    q: Any,
+    k: Any,
+    v: Any,
+    key_logits: Any,
+    gate_first: Any,
+    gate_residual: Any,
+    is_causal: bool = False,
+    key_padding_mask: Any = None,
+    **unknown: Any,
+) -> FunctionSpec:
+    """The ONNX function of one `attnrewrite::zeros_attention` call (the functional op)."""
+    if unknown:
+        raise UnsupportedInputError(
+            f"no ONNX lowering for zeros_attention arguments {unknown}: extend zeros_spec in "
+            "attnrewrite/onnx/lowerings.py (the op's signature has changed)"
+        )
+    inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
+    if key_padding_mask is not None:
+        inputs.append(("key_padding_mask", TensorLayout.of(key_padding_mask)))
+    body = functools.partial(_zeros_body, is_causal=is_causal)
+    return FunctionSpec("ZeroSAttention", (("causal", is_causal),), tuple(inputs), body,
+                        cross=_may_differ(q.shape[-2], k.shape[-2]))  # fmt: skip
+
+
+def _zeros_body(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask=None, *,
+                is_causal):  # fmt: skip
+    return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
+                                  key_padding_mask, _ZEROS_CHUNK)  # fmt: skip
+
+
+def zeros_site_spec(
+    q: Any,
+    k: Any,
+    v: Any,
+    key_logits: Any,
+    gate_first: Any,
+    gate_residual: Any,
+    attn_mask: Any = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    **unknown: Any,
+) -> FunctionSpec:
+    """The ONNX function of one `attnrewrite::zeros_site_attention` call (a ZeroS adapter's site
+    with its SDPA mask): outputs (out, exact) as the op; the adapter's parameters, LayerNorm and
+    gain stay in the model graph."""
+    if unknown:
+        raise UnsupportedInputError(
+            f"no ONNX lowering for zeros_site_attention arguments {unknown}: extend "
+            "zeros_site_spec in attnrewrite/onnx/lowerings.py (the op's signature has changed)"
+        )
+    inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
+    if attn_mask is not None:
+        inputs.append(("mask", TensorLayout.of(attn_mask)))
+    cross = _may_differ(q.shape[-2], k.shape[-2])
+    body = functools.partial(_zeros_site_body, is_causal=is_causal, scale=scale, cross=cross)
+    options = (("causal", is_causal), ("scale", scale))
+    return FunctionSpec("ZeroSSiteAttention", options, tuple(inputs), body, cross=cross,
+                        outputs=(("out", "T0"), ("exact", "tensor(bool)")))  # fmt: skip
+
+
+def _zeros_site_body(q, k, v, key_logits, gate_first, gate_residual, mask=None, *, is_causal,
+                     scale, cross):  # fmt: skip
+    """`zeros_site_attention_op` with its mask checks (`site_mask_terms`) decided in the graph:
+    a key-padding mask → ZeroS; a causal + key-padding mask → causal ZeroS; any other → exact
+    attention (an ONNX If) and exact = True.
+
+    For a mask with a query axis both ZeroS forms are computed and one is selected (both are
+    O(N)): in a torch.cond branch the ZeroS body's shapes are traced apart from the function's
+    dynamic dims, and onnxruntime then fails on other batch sizes."""
+    no = torch.zeros((), dtype=torch.bool, device=q.device)
+    if mask is None:
+        out = _zeros_body(q, k, v, key_logits, gate_first, gate_residual, is_causal=is_causal)
+        return out, no
+    stats = torch.promote_types(q.dtype, torch.float32)
+
+    def zeros(row, causal):
+        """ZeroS with the key terms of one mask row (…, 1, Nk)."""
+        key_bias, query_weight = key_mask_terms(row, tuple(q.shape[:-2]), k.shape[-2], stats)
+        key_valid = query_weight > 0
+        logits = with_key_bias(key_logits, key_bias, key_valid, stats)
+        return _zeros_body(q, k, v, logits, gate_first, gate_residual, key_valid,
+                           is_causal=causal)  # fmt: skip
+
+    if mask.dim() < 2 or mask.shape[-2] == 1:
+        return zeros(mask, False), no
+    rows_equal = (mask == mask[..., :1, :]).all()
+    out = zeros(mask[..., :1, :], False)
+    if cross:  # causal ZeroS needs Nq = Nk
+        exact = ~rows_equal
+    else:
+        exact = ~(rows_equal | is_causal_padding_mask(mask))
+        out = torch.where(rows_equal, out, zeros(mask[..., -1:, :], True))
+    out = torch.cond(
+        exact,
+        lambda q, k, v, mask, _: F.scaled_dot_product_attention(q, k, v, mask, scale=scale),
+        lambda q, k, v, mask, out: out.clone(),  # a branch may not return its input
+        (q, k, v, mask, out),
+    )
+    return out, exact
 
 
 def _monarch_for_site(q, k, v, mask, scale, seq_len, options) -> FunctionSpec:
@@ -169,4 +310,6 @@ METHOD_SPECS: dict[str, Callable[..., FunctionSpec]] = {"monarch": _monarch_for_
 LOWERINGS: dict[Any, Callable[..., FunctionSpec]] = {
     torch.ops.attnrewrite.monarch_attention.default: monarch_spec,
     torch.ops.attnrewrite.hsa_attention.default: hsa_spec,
+    torch.ops.attnrewrite.zeros_attention.default: zeros_spec,
+    torch.ops.attnrewrite.zeros_site_attention.default: zeros_site_spec,
 }

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ...errors import UnsupportedInputError
+from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
-from ..masks import key_mask_terms, warn_exact_fallback
+from ..masks import site_mask_terms, warn_exact_fallback, with_causal
+from ..op_context import autocast_off, autograd_inside_op
 from .reference import check_branching, hierarchy, hsa_attention_reference
 
 TRITON_CPU_VARIABLE = "ATTNREWRITE_TRITON_CPU"
@@ -36,29 +37,39 @@ def uses_triton(q: torch.Tensor, branching: Sequence[int]) -> bool:
     from ...kernels.hsa import MAX_GROUP
 
     sizes = hierarchy(q.shape[-2], branching)
-    return len(sizes) > 1 and max(sizes[:-1]) <= MAX_GROUP
+    if len(sizes) > 1 and max(sizes[:-1]) > MAX_GROUP:
+        warn_once(
+            "hsa-group-size",
+            f"the HSA Triton kernels take groups of up to {MAX_GROUP} below the root, got "
+            f"branching {tuple(branching)}; HSA ran its PyTorch reference instead (the same "
+            "result, slower).",
+        )
+        return False
+    return len(sizes) > 1
 
 
 def _key_terms(
-    q: torch.Tensor, attn_mask: torch.Tensor | None, fallback: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """(key_bias, valid) from a key-padding mask; None when the mask differs between queries and
-    `fallback` allows exact attention (otherwise that is an error)."""
+    q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, fallback: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool] | None:
+    """(key_bias, valid, is_causal) from a key-padding mask, or a causal mask combined with key
+    padding (then causal); None when the mask is neither and `fallback` allows exact attention
+    (otherwise that is an error)."""
     if attn_mask is None:
-        return None, None
+        return None, None, is_causal
     stats = torch.promote_types(q.dtype, torch.float32)
-    terms = key_mask_terms(attn_mask, tuple(q.shape[:-2]), q.shape[-2], stats)
+    n = q.shape[-2]
+    terms = site_mask_terms(attn_mask, tuple(q.shape[:-2]), n, n, stats)
     if terms is None:
         if not fallback:
             raise UnsupportedInputError(
-                "Hierarchical Self-Attention honors key-padding masks only (a mask whose rows "
-                "are all equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
-                "Use method='sdpa' for it, pass a key-padding mask, or is_causal=True for causal."
+                "Hierarchical Self-Attention honors key-padding masks (a mask whose rows are all "
+                "equal, e.g. shape (B, 1, 1, N)) and causal masks combined with key padding; "
+                "this mask is neither. Use method='sdpa' for it."
             )
         warn_exact_fallback("HSA")
         return None
-    key_bias, query_weight = terms
-    return key_bias, query_weight > 0
+    key_bias, valid, causal_mask = terms
+    return key_bias, valid, is_causal or causal_mask
 
 
 def _check_lengths(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -82,12 +93,15 @@ def _forward(
 ) -> torch.Tensor:
     sizes = check_branching(branching)
     _check_lengths(q, k)
-    terms = _key_terms(q, attn_mask, fallback)
+    terms = _key_terms(q, attn_mask, is_causal, fallback)
     if terms is None:
+        assert attn_mask is not None
+        if is_causal:
+            attn_mask = with_causal(attn_mask, q.shape[-2], k.shape[-2])
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+            q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
         )
-    key_bias, valid = terms
+    key_bias, valid, is_causal = terms
     k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
     if uses_triton(q, sizes):
         from ...kernels.hsa import hsa_forward
@@ -104,6 +118,7 @@ def _forward(
     schema="(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, int[] branching, "
     "bool is_causal=False, bool enable_gqa=False, bool fallback=False) -> Tensor",
 )
+@autocast_off
 def hsa_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,12 +138,51 @@ def hsa_attention_op(
     fallback: a mask that differs between queries runs exact attention with a warning (True, for
     rewritten graphs) or raises UnsupportedInputError (False, for direct calls).
     """
-    return _forward(q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fallback)
+    out = _forward(q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fallback)
+    return out.contiguous()  # as the fake implementation declares (SDPA's fallback may not be)
 
 
 @hsa_attention_op.register_fake
 def _(q, k, v, attn_mask, scale, branching, is_causal=False, enable_gqa=False, fallback=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op(
+    "attnrewrite::hsa_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float? scale, "
+    "int[] branching, bool is_causal, bool enable_gqa, bool fallback) -> (Tensor, Tensor, Tensor)",
+)
+@autocast_off
+def hsa_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    branching: Sequence[int],
+    is_causal: bool,
+    enable_gqa: bool,
+    fallback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `hsa_attention` for q, k, v where it ran the PyTorch reference or the exact
+    fallback: that computation differentiated by autograd.
+
+    An op of its own, so that a training graph traced by torch.compile or torch.export holds one
+    opaque call: a traced reference would specialize the graph to the tree of one length.
+    """
+    with autograd_inside_op():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _forward(*leaves, attn_mask, scale, branching, is_causal, enable_gqa, fallback)
+        grads = torch.autograd.grad(out, leaves, grad_out, materialize_grads=True)
+    return tuple(g.contiguous() for g in grads)
+
+
+@hsa_attention_backward_op.register_fake
+def _(grad_out, q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fallback):
+    """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,27 +193,25 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """Gradients for q, k, v: the Triton backward kernels where the forward ran them, else the
-    reference (or the exact fallback) recomputed under autograd."""
+    """Gradients for q, k, v: the Triton backward kernels where the forward ran them (called here:
+    they differentiate the tree statistics with autograd, which an op implementation cannot
+    use), else `hsa_attention_backward_op`."""
     saved = ctx.saved_tensors
     q, k, v = saved[:3]
     attn_mask = saved[3] if ctx.has_mask else None
     scale, branching, is_causal, enable_gqa, fallback = ctx.options
-    terms = _key_terms(q, attn_mask, fallback)
-    if terms is not None and uses_triton(q, branching):
+    terms = _key_terms(q, attn_mask, is_causal, fallback) if uses_triton(q, branching) else None
+    if terms is not None:
         from ...kernels.hsa import hsa_backward
 
-        key_bias, valid = terms
+        key_bias, valid, is_causal = terms
         k_heads, v_heads = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
         dq, dk, dv = hsa_backward(
             q, k_heads, v_heads, key_bias, valid, scale, tuple(branching), is_causal, grad_out
         )
         dk, dv = reduce_gqa(dk, k), reduce_gqa(dv, v)
     else:
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            out = _forward(*leaves, attn_mask, *ctx.options)
-            dq, dk, dv = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        dq, dk, dv = hsa_attention_backward_op(grad_out, q, k, v, attn_mask, *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
-from ..masks import key_mask_terms, warn_exact_fallback
+from ..masks import site_mask_terms, warn_exact_fallback, with_causal
+from ..op_context import autocast_off
 from .reference import default_block_size
 from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
-from .torch_stages import TorchStageOps, parallel_stage_ops
+from .torch_stages import TorchStageOps, by_sequence, parallel_stage_ops
 
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"
@@ -101,14 +102,6 @@ def _check_arguments(
         raise UnsupportedInputError(f"pad must be 'post' or 'pre', got {pad!r}")
 
 
-def _causal_mask(attn_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """attn_mask with every key after its query masked as well (for the exact fallback)."""
-    later = torch.ones(n, n, device=attn_mask.device, dtype=torch.bool).triu(1)
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & ~later
-    return attn_mask.masked_fill(later, -math.inf)
-
-
 class _Call:
     """One call's inputs in the stages' form: (g, N, d) tensors, key bias and query validity,
     or `exact` when the mask is not a key-padding mask and the site asked for the fallback."""
@@ -126,35 +119,45 @@ class _Call:
         self.key_bias = self.query_valid = None
         if attn_mask is not None:
             stats = torch.promote_types(q.dtype, torch.float32)
-            terms = key_mask_terms(attn_mask, self.batch, n, stats)
+            terms = site_mask_terms(attn_mask, self.batch, n, n, stats)
             if terms is None:
                 if not fallback:
                     raise UnsupportedInputError(
-                        "MonarchAttention honors key-padding masks only (a mask whose rows are "
-                        "all equal, e.g. shape (B, 1, 1, N)); this mask differs between queries. "
-                        "Use method='sdpa' for it, or pass a key-padding mask."
+                        "MonarchAttention honors key-padding masks (a mask whose rows are all "
+                        "equal, e.g. shape (B, 1, 1, N)) and causal masks combined with key "
+                        "padding; this mask is neither. Use method='sdpa' for it."
                     )
                 warn_exact_fallback("Monarch")
                 self.exact = True
             else:
                 groups = math.prod(self.batch)
-                self.key_bias = terms[0].reshape(groups, n)
-                self.query_valid = terms[1].reshape(groups, n) > 0
+                key_bias, key_valid, causal_mask = terms
+                self.key_bias = key_bias.reshape(groups, n)
+                self.query_valid = key_valid.reshape(groups, n)
+                self.is_causal = is_causal or causal_mask
         self.config = MonarchConfig(
             self.scale,
             block_size if block_size is not None else default_block_size(n),
             num_steps,
             pad,
-            is_causal,
+            self.is_causal,
         )
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, self.n, x.shape[-1])
 
+    def masks(self, sequences: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The key bias and query validity of some of the (flattened) sequences."""
+        bias, valid = self.key_bias, self.query_valid
+        return (
+            None if bias is None else bias[sequences],
+            None if valid is None else valid[sequences],
+        )
+
     def exact_mask(self) -> torch.Tensor:
         """The fallback's SDPA mask (the site's mask, causal when the site is)."""
         assert self.attn_mask is not None
-        return _causal_mask(self.attn_mask, self.n) if self.is_causal else self.attn_mask
+        return with_causal(self.attn_mask, self.n, self.n) if self.is_causal else self.attn_mask
 
 
 def _exact_attention_grads(
@@ -185,6 +188,7 @@ def _exact_attention_grads(
 
 
 @torch.library.custom_op("attnrewrite::monarch_attention", mutates_args=())
+@autocast_off
 def monarch_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -205,17 +209,27 @@ def monarch_attention_op(
     call = _Call(
         q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
     )
-    if call.exact:
+    if call.n == 0:  # no token: SDPA's empty output
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if call.exact:  # contiguous, as the fake implementation declares (SDPA's may not be)
         return F.scaled_dot_product_attention(
             q, call.k, call.v, attn_mask=call.exact_mask(), scale=call.scale
-        )
+        ).contiguous()
     qf, kf, vf = call.flat(q), call.flat(call.k), call.flat(call.v)
     with _stage_ops(q) as ops:
         out = None
         if not isinstance(ops, TorchStageOps):  # short sequences: one fused launch
             out = _kernels().fused_forward(qf, kf, vf, call.key_bias, call.query_valid, call.config)
         if out is None:
-            out, _ = monarch_forward(qf, kf, vf, call.key_bias, call.query_valid, call.config, ops)
+            (out,) = by_sequence(
+                ops,
+                lambda s, part_ops: monarch_forward(
+                    qf[s], kf[s], vf[s], *call.masks(s), call.config, part_ops
+                )[:1],
+                qf.shape[0],
+                call.n,
+                call.config.block_size,
+            )
     return out.reshape(*call.batch, call.n, v.shape[-1])
 
 
@@ -237,6 +251,7 @@ def _(
 
 
 @torch.library.custom_op("attnrewrite::monarch_attention_backward", mutates_args=())
+@autocast_off
 def monarch_attention_backward_op(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -255,31 +270,34 @@ def monarch_attention_backward_op(
     call = _Call(
         q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
     )
+    if call.n == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if call.exact:
         dq, dk, dv = _exact_attention_grads(
             grad_out, q, call.k, call.v, call.exact_mask(), call.scale
         )
     else:
+        flat = [call.flat(x) for x in (grad_out, q, call.k, call.v)]
         with _stage_ops(q) as ops:
-            grads = monarch_backward(
-                call.flat(grad_out),
-                call.flat(q),
-                call.flat(call.k),
-                call.flat(call.v),
-                call.key_bias,
-                call.query_valid,
-                call.config,
+            grads = by_sequence(
                 ops,
+                lambda s, part_ops: monarch_backward(
+                    *(x[s] for x in flat), *call.masks(s), call.config, part_ops
+                ),
+                flat[0].shape[0],
+                call.n,
+                call.config.block_size,
             )
         dq, dk, dv = (g.reshape(x.shape) for g, x in zip(grads, (q, call.k, call.v), strict=True))
-    return dq, _reduce_gqa(dk, k), _reduce_gqa(dv, v)
+    return dq.contiguous(), _reduce_gqa(dk, k).contiguous(), _reduce_gqa(dv, v).contiguous()
 
 
 @monarch_attention_backward_op.register_fake
 def _(
     grad_out, q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
 ):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

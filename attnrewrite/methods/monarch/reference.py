@@ -62,11 +62,13 @@ def default_block_size(seq_len: int) -> int:
 
 def _softmax_and_lse(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax and log-sum-exp along `dim`; an all −inf slice gives zeros and an lse of 0
-    (with a zero gradient: logsumexp's own gradient on such a slice is NaN)."""
+    (with a zero gradient: logsumexp's own gradient on such a slice is NaN). The softmax is not
+    exp(logits − lse): near finfo.min (Hugging Face's mask value) the lse rounds to the logits
+    themselves, and a fully masked slice would sum to its length instead of 1."""
     empty = torch.isneginf(logits).all(dim=dim, keepdim=True)
-    lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=dim, keepdim=True)
-    lse = lse.masked_fill(empty, 0.0)
-    return torch.exp(logits - lse), lse
+    safe = logits.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(safe, dim=dim, keepdim=True).masked_fill(empty, 0.0)
+    return torch.softmax(safe, dim=dim).masked_fill(empty, 0.0), lse
 
 
 def _entropy_term(probs: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,8 @@ def monarch_attention_reference(
     # L[g, j, k, l], initialized to [k = l] (the first R-update is softmax inside each block), or
     # to [k = l − 1] in the causal variant.
     offset = 1 if is_causal else 0
-    init_l = torch.ones(m - offset, device=q.device, dtype=stats).diag(offset)  # [k, l]
+    blocks = torch.arange(m, device=q.device)
+    init_l = (blocks[:, None] == blocks[None, :] - offset).to(stats)  # [k, l]
     big_l = init_l.expand(groups, b, m, m)
     for _ in range(num_steps):
         # R-update.
@@ -165,7 +168,7 @@ def monarch_attention_reference(
         if is_causal:  # the diagonal block competes as one more entry, with logit δ[l, j]
             diag_logit = lse_d.squeeze(-1).transpose(1, 2)[:, :, None, :]  # [g, j, 1, l]
             weights, _ = _softmax_and_lse(torch.cat([logits_l, diag_logit], dim=2), dim=2)
-            big_l, diag_weight = weights[:, :, :m], weights[:, :, m]  # Λ[g, j, l]
+            big_l, diag_weight = weights[:, :, :-1], weights[:, :, -1]  # Λ[g, j, l]
         else:
             big_l, _ = _softmax_and_lse(logits_l, dim=2)
 

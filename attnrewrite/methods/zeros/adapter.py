@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import key_mask_terms, warn_exact_fallback
+from ..masks import site_mask_terms, warn_exact_fallback
 from .op import use_triton_kernels, zeros_attention, zeros_attention_backward_op
 
 LAYER_NORM_EPS = 1e-5
@@ -40,39 +40,16 @@ Tap = Callable[["ZeroSAdapter", torch.Tensor, torch.Tensor, torch.Tensor, "torch
                torch.Tensor]  # fmt: skip
 
 
-def site_mask_terms(
-    attn_mask: torch.Tensor, batch: tuple[int, ...], n_queries: int, n_keys: int,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, bool] | None:  # fmt: skip
-    """(key_bias, key_valid, is_causal) for an SDPA mask ZeroS can honor; None for any other.
-
-    Honored: a key-padding mask (`key_mask_terms`: a mask whose rows are all equal), and a
-    (…, N, N) mask that is a causal mask combined with a key-padding mask, as decoder models
-    build them: every key j > t masked in row t, and row t equal to the last row on keys j ≤ t.
-    key_bias (…, Nk) is the additive per-key bias, key_valid (…, Nk) marks the unmasked keys.
-    """
-    terms = key_mask_terms(attn_mask, batch, n_keys, dtype)
-    if terms is None:
-        if attn_mask.dim() < 2 or n_queries != n_keys or attn_mask.shape[-2] != n_queries:
-            return None
-        last_row = attn_mask[..., -1:, :]
-        causal = torch.ones(n_queries, n_keys, dtype=torch.bool, device=attn_mask.device).tril()
-        if attn_mask.dtype == torch.bool:
-            upper_masked = bool((causal | ~attn_mask).all())
-        else:
-            upper_masked = bool((causal | (attn_mask <= torch.finfo(attn_mask.dtype).min)).all())
-        lower = torch.where(causal, attn_mask, last_row)
-        if not (upper_masked and torch.equal(lower, last_row.expand_as(lower))):
-            return None
-        key_bias, query_weight = key_mask_terms(last_row, batch, n_keys, dtype)
-        return key_bias, query_weight > 0, True
-    key_bias, query_weight = terms
-    return key_bias, query_weight > 0, False
+def with_key_bias(
+    key_logits: torch.Tensor, key_bias: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The key logits with a mask's finite per-key bias added, as softmax adds it to scores."""
+    return key_logits.to(dtype) + torch.where(key_valid, key_bias, 0.0)
 
 
 def _site_terms(q, k, key_logits, attn_mask, is_causal):
     """(logits, key_valid, is_causal) of the ZeroS call for an SDPA mask, or None when ZeroS
-    cannot honor it. A finite per-key bias adds to the key logits, as it adds to softmax's."""
+    cannot honor it."""
     if attn_mask is None:
         return key_logits, None, is_causal
     stats = torch.promote_types(q.dtype, torch.float32)
@@ -80,7 +57,7 @@ def _site_terms(q, k, key_logits, attn_mask, is_causal):
     if terms is None:
         return None
     key_bias, key_valid, causal = terms
-    return key_logits.to(stats) + torch.where(key_valid, key_bias, 0.0), key_valid, causal
+    return with_key_bias(key_logits, key_bias, key_valid, stats), key_valid, causal
 
 
 def _exact_attention_backward(grad_out, q, k, v, attn_mask, scale):
@@ -153,7 +130,7 @@ def zeros_site_attention_backward_op(
         grads = _exact_attention_backward(grad_out, q, k, v, attn_mask, scale)
         unused = (key_logits, gate_first, gate_residual)
         return [*(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True)),
-                *(torch.zeros_like(x) for x in unused)]  # fmt: skip
+                *(x.new_zeros(x.shape) for x in unused)]  # fmt: skip
     logits, key_valid, causal = terms
     grads = zeros_attention_backward_op(grad_out, q, k, v, logits, gate_first, gate_residual,
                                         causal, key_valid, use_triton_kernels(q, v))  # fmt: skip
@@ -163,7 +140,8 @@ def zeros_site_attention_backward_op(
 
 @zeros_site_attention_backward_op.register_fake
 def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, attn_mask, is_causal, scale):
-    return [torch.empty_like(x) for x in (q, k, v, key_logits, gate_first, gate_residual)]
+    """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
+    return [x.new_empty(x.shape) for x in (q, k, v, key_logits, gate_first, gate_residual)]
 
 
 def _setup_context(ctx, inputs, output):

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ...errors import UnsupportedInputError
+from ...errors import UnsupportedInputError, warn_once
+from ..op_context import autocast_off
 from .linear import PreparedInputs, prepare_inputs, zeros_linear, zeros_linear_backward
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,11 +37,17 @@ def force_triton_kernels() -> Iterator[None]:
 def use_triton_kernels(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the op runs the Triton kernels for these inputs: CUDA (or forced, see
     `force_triton_kernels`) tensors of a dtype and head dims the kernels take."""
-    return (
-        (q.is_cuda or _force_triton)
-        and q.dtype in _TRITON_DTYPES
-        and max(q.shape[-1], v.shape[-1]) <= _TRITON_MAX_HEAD_DIM
-    )
+    if not (q.is_cuda or _force_triton) or q.dtype not in _TRITON_DTYPES:
+        return False
+    if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
+        warn_once(
+            "zeros-head-dim",
+            f"the ZeroS Triton kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, got "
+            f"{q.shape[-1]} (q) and {v.shape[-1]} (v); ZeroS ran its PyTorch form instead (the "
+            "same result, slower).",
+        )
+        return False
+    return True
 
 
 def _triton_tensors(inputs: PreparedInputs) -> tuple[torch.Tensor, ...]:
@@ -49,18 +56,36 @@ def _triton_tensors(inputs: PreparedInputs) -> tuple[torch.Tensor, ...]:
             inputs.gate_residual.float(), inputs.key_valid)  # fmt: skip
 
 
-def _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask):
+def zeros_attention_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_logits: torch.Tensor,
+    gate_first: torch.Tensor,
+    gate_residual: torch.Tensor,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The op's linear PyTorch form, unchecked: its CPU path, and the body of its ONNX function
+    (chunk_size: see `zeros_linear`)."""
     inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
-    if use_triton_kernels(q, v):
-        from ...kernels.zeros import zeros_forward
+    return inputs.unflatten(zeros_linear(inputs, is_causal, chunk_size)).to(q.dtype)
 
-        out = zeros_forward(*_triton_tensors(inputs), is_causal)
-    else:
-        out = zeros_linear(inputs, is_causal)
+
+def _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask):
+    if not use_triton_kernels(q, v):
+        return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
+                                      key_padding_mask).contiguous()  # fmt: skip
+    from ...kernels.zeros import zeros_forward
+
+    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
+    out = zeros_forward(*_triton_tensors(inputs), is_causal)
     return inputs.unflatten(out).to(q.dtype).contiguous()
 
 
 @torch.library.custom_op("attnrewrite::zeros_attention", mutates_args=())
+@autocast_off
 def zeros_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,6 +117,7 @@ def _setup_context(ctx, inputs, output):
 
 
 @torch.library.custom_op("attnrewrite::zeros_attention_backward", mutates_args=())
+@autocast_off
 def zeros_attention_backward_op(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -118,13 +144,17 @@ def zeros_attention_backward_op(
         flat = zeros_backward(flat_grad, *_triton_tensors(inputs), is_causal)
     else:
         flat = zeros_linear_backward(inputs, flat_grad, is_causal)
-    return [g.reshape(x.shape).to(x.dtype) for g, x in zip(flat, differentiable, strict=True)]
+    return [
+        g.reshape(x.shape).to(x.dtype).contiguous()
+        for g, x in zip(flat, differentiable, strict=True)
+    ]
 
 
 @zeros_attention_backward_op.register_fake
 def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask,
       use_triton):  # fmt: skip
-    return [torch.empty_like(x) for x in (q, k, v, key_logits, gate_first, gate_residual)]
+    """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
+    return [x.new_empty(x.shape) for x in (q, k, v, key_logits, gate_first, gate_residual)]
 
 
 def _backward(ctx, grad_out):
@@ -205,6 +235,11 @@ def zeros_attention(
     gate_first = _broadcast("gate_first", gate_first, (*batch, n_queries), "one per query")
     gate_residual = _broadcast("gate_residual", gate_residual, (*batch, n_queries), "one per query")
     if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise UnsupportedInputError(
+                f"key_padding_mask must be a bool tensor or None, got "
+                f"{type(key_padding_mask).__name__}"
+            )
         if key_padding_mask.dtype != torch.bool:
             raise UnsupportedInputError(
                 f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}; "
