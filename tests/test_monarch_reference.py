@@ -470,3 +470,24 @@ def test_decoder_causal_layers_are_replaced_and_exact_at_one_block():
                 torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
             else:
                 assert torch.isfinite(got).all() and not torch.equal(got, expected)
+
+
+def test_threaded_fast_path_runs_under_autograd_on_long_sequences():
+    """Chunks of a long sequence run on pool threads, where grad mode is off by default only in
+    the caller: products into preallocated outputs there must not record autograd."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (x.requires_grad_() for x in random_qkv(1, 2, 2304, 8))
+        out = monarch_attention_op(q, k, v, None, None, 48, 1)
+        expected = monarch_attention_reference(q, k, v, block_size=48, num_steps=1)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        grad = torch.randn_like(out)
+        for got, want in zip(
+            torch.autograd.grad(out, (q, k, v), grad),
+            torch.autograd.grad(expected, (q, k, v), grad),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
