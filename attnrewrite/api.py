@@ -69,7 +69,7 @@ def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, 
         return
     import torch.fx._pytree as fx_pytree
 
-    from .methods.masks import is_causal_padding_mask
+    from .methods.masks import site_mask_terms
 
     rank = {"full": 0, "causal_key": 1, "general": 2}
 
@@ -77,12 +77,10 @@ def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, 
         def run_node(self, node: torch.fx.Node) -> Any:
             value = super().run_node(node)
             if node in targets and isinstance(value, torch.Tensor) and value.dim() >= 2:
-                if bool((value == value[..., :1, :]).all()):
-                    kind = "full"
-                elif value.shape[-1] == value.shape[-2] and bool(is_causal_padding_mask(value)):
-                    kind = "causal_key"
-                else:
-                    kind = "general"
+                # the decision the methods' ops make at run time, on the example's mask
+                *batch, n_queries, n_keys = value.shape
+                terms = site_mask_terms(value, tuple(batch), n_queries, n_keys, torch.float32)
+                kind = "general" if terms is None else "causal_key" if terms[2] else "full"
                 for site in targets[node]:
                     site.mask = max(site.mask, kind, key=rank.__getitem__)
             return value

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..errors import warn_once
+from ..errors import UnsupportedInputError, warn_once
 
 
 def key_mask_terms(
@@ -62,6 +62,29 @@ def site_mask_terms(
         return key_bias, query_weight > 0, True
     key_bias, query_weight = terms
     return key_bias, query_weight > 0, False
+
+
+def self_attention_mask_terms(
+    method: str,
+    attn_mask: torch.Tensor,
+    batch: tuple[int, ...],
+    n: int,
+    dtype: torch.dtype,
+    fallback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """`site_mask_terms` for a method whose queries and keys are the same N tokens; for any other
+    mask, None after a one-time warning when `fallback` lets the site run exact attention, and
+    otherwise an error naming the masks `method` honors."""
+    terms = site_mask_terms(attn_mask, batch, n, n, dtype)
+    if terms is None:
+        if not fallback:
+            raise UnsupportedInputError(
+                f"{method} honors key-padding masks (a mask whose rows are all equal, e.g. shape "
+                "(B, 1, 1, N)) and causal masks combined with key padding; this mask is neither. "
+                "Use method='sdpa' for it."
+            )
+        warn_exact_fallback(method)
+    return terms
 
 
 def is_causal_padding_mask(attn_mask: torch.Tensor) -> torch.Tensor:

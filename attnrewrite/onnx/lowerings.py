@@ -25,6 +25,12 @@ from ..methods.zeros.op import zeros_attention_linear
 from .functions import FunctionSpec, TensorLayout
 
 
+def _rows_equal(mask: torch.Tensor) -> torch.Tensor:
+    """Whether every query row of a (…, Nq, Nk) mask is the same (a key-padding mask), as a 0-d
+    tensor the exported graph decides at run time."""
+    return (mask == mask[..., :1, :]).all()
+
+
 def _key_masked(
     approximate: Callable[..., torch.Tensor],
     q: torch.Tensor,
@@ -58,14 +64,11 @@ def _key_masked(
     if mask.dim() < 2 or mask.shape[-2] == 1:
         return approximation(is_causal)(q, k, v, mask)
 
-    def rows_equal(mask: torch.Tensor) -> torch.Tensor:
-        return (mask == mask[..., :1, :]).all()
-
     def honored(q, k, v, mask):
         if is_causal:
             return approximation(True)(q, k, v, mask)
         return torch.cond(
-            rows_equal(mask), approximation(False), approximation(True), (q, k, v, mask)
+            _rows_equal(mask), approximation(False), approximation(True), (q, k, v, mask)
         )
 
     def exact(q, k, v, mask):
@@ -75,7 +78,7 @@ def _key_masked(
         )
 
     return torch.cond(
-        rows_equal(mask) | is_causal_padding_mask(mask), honored, exact, (q, k, v, mask)
+        _rows_equal(mask) | is_causal_padding_mask(mask), honored, exact, (q, k, v, mask)
     )
 
 
@@ -276,7 +279,7 @@ def _zeros_site_body(q, k, v, key_logits, gate_first, gate_residual, mask=None, 
 
     if mask.dim() < 2 or mask.shape[-2] == 1:
         return zeros(mask, False), no
-    rows_equal = (mask == mask[..., :1, :]).all()
+    rows_equal = _rows_equal(mask)
     out = zeros(mask[..., :1, :], False)
     if cross:  # causal ZeroS needs Nq = Nk
         exact = ~rows_equal

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
-from ..masks import site_mask_terms, warn_exact_fallback, with_causal
+from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off, autograd_inside_op
 from .reference import check_branching, hierarchy, hsa_attention_reference
 
@@ -58,15 +58,8 @@ def _key_terms(
         return None, None, is_causal
     stats = torch.promote_types(q.dtype, torch.float32)
     n = q.shape[-2]
-    terms = site_mask_terms(attn_mask, tuple(q.shape[:-2]), n, n, stats)
+    terms = self_attention_mask_terms("HSA", attn_mask, tuple(q.shape[:-2]), n, stats, fallback)
     if terms is None:
-        if not fallback:
-            raise UnsupportedInputError(
-                "Hierarchical Self-Attention honors key-padding masks (a mask whose rows are all "
-                "equal, e.g. shape (B, 1, 1, N)) and causal masks combined with key padding; "
-                "this mask is neither. Use method='sdpa' for it."
-            )
-        warn_exact_fallback("HSA")
         return None
     key_bias, valid, causal_mask = terms
     return key_bias, valid, is_causal or causal_mask

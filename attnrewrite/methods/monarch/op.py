@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
-from ..masks import site_mask_terms, warn_exact_fallback, with_causal
+from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off
 from .reference import default_block_size
 from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
@@ -119,15 +119,8 @@ class _Call:
         self.key_bias = self.query_valid = None
         if attn_mask is not None:
             stats = torch.promote_types(q.dtype, torch.float32)
-            terms = site_mask_terms(attn_mask, self.batch, n, n, stats)
+            terms = self_attention_mask_terms("Monarch", attn_mask, self.batch, n, stats, fallback)
             if terms is None:
-                if not fallback:
-                    raise UnsupportedInputError(
-                        "MonarchAttention honors key-padding masks (a mask whose rows are all "
-                        "equal, e.g. shape (B, 1, 1, N)) and causal masks combined with key "
-                        "padding; this mask is neither. Use method='sdpa' for it."
-                    )
-                warn_exact_fallback("Monarch")
                 self.exact = True
             else:
                 groups = math.prod(self.batch)
