@@ -14,6 +14,7 @@ from conftest import load_minilm
 from hf_zoo import ZOO
 
 import attnrewrite
+from attnrewrite.errors import OptionError
 from attnrewrite.onnx import DOMAIN, export_onnx, rewrite_onnx
 
 pytestmark = pytest.mark.slow
@@ -63,15 +64,19 @@ def test_sdpa_export_of_a_causal_decoder(tmp_path):
     entry = next(e for e in ZOO if e.name == "gpt2")
     model, inputs = entry.build("eager"), entry.inputs()
     causal = {k: v for k, v in inputs.items() if k != "attention_mask"}  # is_causal sites
-    out = export_onnx(
-        model,
-        (),
-        tmp_path / "gpt2_causal.onnx",
-        method="monarch",
-        block_size=4,
-        example_kwargs=causal,
-    )
-    assert out.max_error <= 1e-4 and len(out.report.replaced) == entry.causal_layers
+    # An earlier rewrite is exported as it is, with its report; its "auto" block size is
+    # resolved in a copy, so the caller's module still picks it per length.
+    rewritten = attnrewrite.rewrite(model, (), example_kwargs=causal, method="monarch")
+    with pytest.raises(OptionError, match="already rewritten"):
+        export_onnx(rewritten, (), tmp_path / "x.onnx", method="monarch", example_kwargs=causal)
+    with pytest.raises(OptionError, match="needs method"):
+        export_onnx(model, (), tmp_path / "x.onnx", example_kwargs=causal)
+    out = export_onnx(rewritten, (), tmp_path / "gpt2_causal.onnx", example_kwargs=causal)
+    assert out.max_error <= 1e-4 and out.report is rewritten.report
+    assert len(out.report.replaced) == entry.causal_layers
+    monarch = torch.ops.attnrewrite.monarch_attention.default
+    calls = [n for n in rewritten.module.graph.nodes if n.target is monarch]
+    assert calls and all(n.kwargs.get("block_size") is None for n in calls)
     out = export_onnx(model, (), tmp_path / "gpt2_sdpa.onnx", method="sdpa", example_kwargs=inputs)
     assert out.max_error <= 1e-4
     assert domains_outside_functions(out.path) <= STANDARD_DOMAINS
@@ -165,7 +170,7 @@ def test_hsa_export_with_dynamic_length(tmp_path):
     )
     assert out.max_error <= 1e-4 and len(out.report.replaced) == entry.attention_layers
     assert out.functions and out.functions[0].startswith("HierarchicalSelfAttention")
-    for n in (5, 23):
+    for n in (3, 23):  # 3: fewer tokens than one (4, 2) group, where the op's tree is shallower
         feed = {
             "input_ids": torch.randint(3, 99, (2, n)),
             "attention_mask": torch.ones(2, n).long(),

@@ -139,9 +139,9 @@ def test_distilled_bert_exports_its_adapters_with_dynamic_batch_and_length(tmp_p
     adapters = [m for m in rewritten.module.modules() if isinstance(m, ZeroSAdapter)]
     assert len(adapters) == 2 and all(a.qk_up.abs().sum() > 0 for a in adapters)
     path = tmp_path / "bert_zeros.onnx"
-    out = export_onnx(rewritten.module, (), path, method="zeros", example_kwargs=inputs,
-                      dynamic_shapes=shapes)  # fmt: skip
+    out = export_onnx(rewritten, (), path, example_kwargs=inputs, dynamic_shapes=shapes)
     assert out.max_error <= 1e-4 and out.functions[0].startswith("ZeroSSiteAttention")
+    assert len(out.report.replaced) == 2
     assert sum(node.domain == DOMAIN for node in onnx.load(str(path)).graph.node) == 2
     for b, n in ((1, 5), (3, 33)):
         mask = torch.ones(b, n, dtype=torch.long)
@@ -168,8 +168,7 @@ def test_causal_decoder_with_padding_exports_with_dynamic_length(tmp_path):
                 for p in adapter.parameters():
                     p.add_(0.5 * torch.randn_like(p))
     path = tmp_path / "llama_zeros.onnx"
-    out = export_onnx(rewritten.module, (), path, method="zeros", example_kwargs=inputs,
-                      dynamic_shapes=shapes)  # fmt: skip
+    out = export_onnx(rewritten, (), path, example_kwargs=inputs, dynamic_shapes=shapes)
     assert out.max_error <= 1e-4
     for n in (7, 29):
         mask = torch.ones(2, n, dtype=torch.long)

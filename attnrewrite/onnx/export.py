@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
@@ -16,8 +17,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from ..api import rewrite
-from ..errors import AttnRewriteError
+from ..api import RewriteResult, rewrite
+from ..errors import AttnRewriteError, OptionError
 from ..methods.monarch.reference import default_block_size
 from ..passes.graph_utils import shape_of
 from ..passes.substitute import Policy
@@ -42,14 +43,23 @@ class OnnxExport:
     functions: list[str]
 
 
-def _fix_block_sizes(gm: torch.fx.GraphModule) -> None:
-    """ONNX functions need a static Monarch block size: resolve "auto" from the example length."""
+def _auto_block_sizes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     target = torch.ops.attnrewrite.monarch_attention.default
-    for node in gm.graph.nodes:
-        if node.target is target and node.kwargs.get("block_size") is None:
-            n = shape_of(node.args[0])[-2]
-            node.update_kwarg("block_size", default_block_size(optimization_hint(n)))
+    return [n for n in gm.graph.nodes if n.target is target and n.kwargs.get("block_size") is None]
+
+
+def _with_static_block_sizes(gm: torch.fx.GraphModule, in_place: bool) -> torch.fx.GraphModule:
+    """ONNX functions need a static Monarch block size: "auto" resolved from the example length,
+    in `gm` or, when it is the caller's module (in_place False), in a copy."""
+    if not _auto_block_sizes(gm):
+        return gm
+    if not in_place:
+        gm = copy.deepcopy(gm)
+    for node in _auto_block_sizes(gm):
+        n = shape_of(node.args[0])[-2]
+        node.update_kwarg("block_size", default_block_size(optimization_hint(n)))
     gm.recompile()
+    return gm
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
@@ -78,11 +88,11 @@ def onnxruntime_error(
 
 
 def export_onnx(
-    model: torch.nn.Module,
+    model: torch.nn.Module | RewriteResult,
     example_inputs: tuple[Any, ...],
     path: str | Path,
     *,
-    method: str,
+    method: str | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     opset: int | None = None,
@@ -97,21 +107,38 @@ def export_onnx(
     `onnx.checker.check_model(full_check=True)` and onnxruntime's outputs on the example inputs
     are compared with the rewritten PyTorch module's: past `tolerance` it raises
     OnnxValidationError. `dynamic_shapes` follows torch.export (e.g. batch and sequence dims).
+
+    `model` may be a `RewriteResult` (e.g. distilled with `attnrewrite.distill`): its module is
+    exported as it is, unchanged, and its report returned; method, policy and options belong to
+    the rewrite() that made it. Rewrite it with the dynamic shapes you export with.
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    result = rewrite(
-        model,
-        example_inputs,
-        method=method,
-        example_kwargs=kwargs,
-        policy=policy,
-        dynamic_shapes=dynamic_shapes,
-        **options,
-    )
+    if isinstance(model, RewriteResult):
+        if method is not None or policy is not None or options:
+            raise OptionError(
+                "export_onnx got a RewriteResult, which is already rewritten: pass method, "
+                "policy and options to attnrewrite.rewrite(), not to export_onnx"
+            )
+        result = RewriteResult(_with_static_block_sizes(model.module, in_place=False), model.report)
+    elif method is None:
+        raise OptionError(
+            "export_onnx needs method=... (e.g. 'monarch'), or a RewriteResult from "
+            "attnrewrite.rewrite() to export as it is"
+        )
+    else:
+        result = rewrite(
+            model,
+            example_inputs,
+            method=method,
+            example_kwargs=kwargs,
+            policy=policy,
+            dynamic_shapes=dynamic_shapes,
+            **options,
+        )
+        result.module = _with_static_block_sizes(result.module, in_place=True)
     module = result.module
-    _fix_block_sizes(module)
     specs: dict[str, FunctionSpec] = {}
 
     def translation(lower):
