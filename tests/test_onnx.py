@@ -35,6 +35,17 @@ def minilm(minilm_path):
     return load_minilm(minilm_path, "eager")
 
 
+def op_types(nodes) -> set[str]:
+    """The op types of `nodes` and of the If/Loop/Scan branches inside them."""
+    found = set()
+    for node in nodes:
+        found.add(node.op_type)
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                found |= op_types(graph.node)
+    return found
+
+
 def test_minilm_monarch_export_with_dynamic_batch_and_length(minilm, minilm_batch, tmp_path):
     ids, mask = minilm_batch
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=512)
@@ -49,6 +60,9 @@ def test_minilm_monarch_export_with_dynamic_batch_and_length(minilm, minilm_batc
     assert [f.name for f in model.functions if f.domain == DOMAIN] == out.functions
     assert sum(n.domain == DOMAIN for n in model.graph.node) == 6
     assert domains_outside_functions(path) <= STANDARD_DOMAINS
+    # the op's own stages (batched MatMuls), not the reference's einsums over L and R
+    ops = {op for function in model.functions for op in op_types(function.node)}
+    assert "MatMul" in ops and "Einsum" not in ops
     for b, n in ((1, 17), (3, 40)):  # one file, other batch sizes and lengths
         ids_n = torch.randint(1000, 2000, (b, n))
         mask_n = torch.ones(b, n, dtype=torch.long)

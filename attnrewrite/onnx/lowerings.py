@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from ..errors import UnsupportedInputError
 from ..methods.hsa.reference import hsa_attention_reference
 from ..methods.masks import is_causal_padding_mask, key_mask_terms, with_causal
-from ..methods.monarch.reference import default_block_size, monarch_attention_reference
+from ..methods.monarch.reference import default_block_size
+from ..methods.monarch.stages import MonarchConfig, monarch_forward
+from ..methods.monarch.torch_stages import TorchStageOps
 from ..methods.zeros.adapter import with_key_bias
 from ..methods.zeros.op import zeros_attention_linear
 from .functions import FunctionSpec, TensorLayout
@@ -133,8 +135,24 @@ def monarch_spec(
     )
 
 
-def _monarch_approximation(q, k, v, key_bias, query_weight, **options):
-    return monarch_attention_reference(q, k, v, key_bias, query_weight, **options)
+def _monarch_approximation(q, k, v, key_bias, query_weight, *, scale, block_size, num_steps, pad,
+                           is_causal):  # fmt: skip
+    """The op's own stages (`monarch_forward`), each computed in one piece: batched MatMuls and
+    one softmax per stage, where the reference's einsums over L and R cost far more in
+    onnxruntime."""
+    *batch, n, d = q.shape
+    groups = math.prod(batch)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    config = MonarchConfig(scale, block_size, num_steps, pad, is_causal)
+
+    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.broadcast_to(*batch, n).reshape(groups, n)
+
+    valid = None if query_weight is None else per_token(query_weight) > 0
+    flat = (x.reshape(groups, n, x.shape[-1]) for x in (q, k, v))
+    ops = TorchStageOps(chunk_elements=None)
+    out, _ = monarch_forward(*flat, per_token(key_bias), valid, config, ops)
+    return out.reshape(*batch, n, v.shape[-1])
 
 
 def hsa_spec(

@@ -37,38 +37,56 @@ class _Chunks:
     When one sequence's whole stage fits a chunk, the views are flattened to [g·group, ...]
     (a copy only for the by-slot views of short sequences, where it is cheap) and chunks span
     sequences; otherwise chunks stay within a sequence and the views stay strided.
+    chunk_elements None: one chunk of everything, with no size arithmetic (torch.export).
     """
 
-    def __init__(self, groups: int, n_groups: int, rows: int, cols: int, threads: int) -> None:
+    def __init__(
+        self,
+        groups: int,
+        n_groups: int,
+        rows: int,
+        cols: int,
+        threads: int,
+        chunk_elements: int | None,
+    ) -> None:
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self.whole = chunk_elements is None
+        if chunk_elements is None:
+            self.threads, self.flat, self.count = 1, True, 1
+            return
         per_group = rows * cols
         total = groups * n_groups
         self.threads = threads if total * per_group >= 2 * PARALLEL_MIN_ELEMENTS else 1
-        self.step = max(1, CHUNK_ELEMENTS // per_group)
-        self.flat = n_groups * per_group <= CHUNK_ELEMENTS
+        self.step = max(1, chunk_elements // per_group)
+        self.flat = n_groups * per_group <= chunk_elements
         if self.flat:
             self.step = min(self.step, math.ceil(total / self.threads))  # a chunk for every thread
             self.count = math.ceil(total / self.step)
         else:
             self.count = groups * math.ceil(n_groups / self.step)
-        self._pending: list[tuple[Tensor, Tensor]] = []
 
     def split(self, x: Tensor) -> Parts:
         """x's chunks, as views (one call each, not one indexing per chunk)."""
+        if self.whole:
+            return [x.reshape(-1, *x.shape[2:])]
         if self.flat:
             return x.reshape(-1, *x.shape[2:]).split(self.step)
         return [part for sequence in x.unbind() for part in sequence.split(self.step)]
 
     def output(self, x: Tensor) -> Parts:
         """The chunks that results for the view `x` go to: views of x, or of flat scratch that
-        `run` copies back (a by-slot view cannot be flattened in place)."""
-        if self.flat:
+        `run` copies back (a by-slot view cannot be flattened in place; one chunk always takes
+        scratch, as asking would guard on sizes under torch.export)."""
+        if not self.flat:
+            return self.split(x)
+        if not self.whole:
             try:
-                x.view(-1, *x.shape[2:])
+                return x.view(-1, *x.shape[2:]).split(self.step)
             except RuntimeError:
-                scratch = x.new_empty(x.shape[0] * x.shape[1], *x.shape[2:])
-                self._pending.append((x, scratch))
-                return scratch.split(self.step)
-        return self.split(x)
+                pass
+        scratch = x.new_empty(x.shape[0] * x.shape[1], *x.shape[2:])
+        self._pending.append((x, scratch))
+        return [scratch] if self.whole else scratch.split(self.step)
 
     def run(self, work: Callable[[int], None]) -> None:
         """work(c) for every chunk c, then the copies back. With several threads, each takes
@@ -171,10 +189,11 @@ class _Scores:
         scale: float,
         causal: int | None,
         threads: int,
+        chunk_elements: int | None,
     ) -> None:
         groups, n_groups, rows = q.shape[:3]
         cols = keys.shape[2]
-        self.chunks = _Chunks(groups, n_groups, rows, cols, threads)
+        self.chunks = _Chunks(groups, n_groups, rows, cols, threads, chunk_elements)
         self.q, self.keys = self.chunks.split(q), self.chunks.split(keys)
         self.bias = None if bias is None else self.chunks.split(bias.unsqueeze(-2))
         self.scale = scale
@@ -217,10 +236,15 @@ def _output(chunks: _Chunks, x: Tensor | None) -> Parts | None:
 
 class TorchStageOps:
     """`StageOps` with batched matrix products, chunked over groups (see the module docstring);
-    `threads` > 1 runs chunks on that many threads (see `parallel_stage_ops`)."""
+    `threads` > 1 runs chunks on that many threads (see `parallel_stage_ops`).
 
-    def __init__(self, threads: int = 1) -> None:
+    chunk_elements=None computes each stage in one piece, with no size arithmetic: the form the
+    ONNX functions export (onnx/lowerings.py), so a deployed graph runs the op's own stages.
+    """
+
+    def __init__(self, threads: int = 1, chunk_elements: int | None = CHUNK_ELEMENTS) -> None:
         self.threads = threads
+        self.chunk_elements = chunk_elements
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.promote_types(dtype, torch.float32)
@@ -243,7 +267,7 @@ class TorchStageOps:
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
     ) -> None:
-        scores_of = _Scores(q, keys, bias, scale, causal, self.threads)
+        scores_of = _Scores(q, keys, bias, scale, causal, self.threads, self.chunk_elements)
         chunks = scores_of.chunks
         values_c, sink_logit_c = _split(chunks, values), _split(chunks, sink_logit)
         sink_value_c, transposed_c = _split(chunks, sink_value), _split(chunks, transposed)
@@ -299,7 +323,7 @@ class TorchStageOps:
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
     ) -> None:
-        scores_of = _Scores(q, keys, bias, scale, causal, self.threads)
+        scores_of = _Scores(q, keys, bias, scale, causal, self.threads, self.chunk_elements)
         chunks = scores_of.chunks
         values_c, lse_c = chunks.split(values), chunks.split(lse.unsqueeze(-1))
         d_out_c, delta_c = chunks.split(d_out), chunks.split(delta.unsqueeze(-1))
