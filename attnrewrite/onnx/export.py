@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ..methods.monarch.reference import default_block_size
 from ..passes.graph_utils import shape_of
 from ..passes.substitute import Policy
 from ..report import Report
-from .functions import DOMAIN, FunctionSpec
+from .functions import DOMAIN, FunctionSpec, quiet_exporter
 from .lowerings import LOWERINGS
 
 log = logging.getLogger("attnrewrite")
@@ -152,8 +151,7 @@ def export_onnx(
         return translate
 
     table = {target: translation(lower) for target, lower in LOWERINGS.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         program = torch.onnx.export(
             module,
             example_inputs,

@@ -10,11 +10,12 @@ are dynamic in the exported model are dynamic in the function too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnx
@@ -35,6 +36,23 @@ _ONNX_TO_TORCH = {
     onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.BOOL: torch.bool,
 }
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch.onnx.export without its warnings and log chatter (e.g. onnxscript's constant folder
+    logging each value it cannot fold, which is expected and harmless), restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +123,7 @@ class FunctionSpec:
             def forward(self, *args: torch.Tensor) -> torch.Tensor:
                 return body(*args)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with quiet_exporter():
             program = torch.onnx.export(
                 Body(),
                 tuple(examples),
