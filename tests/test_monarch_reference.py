@@ -13,7 +13,6 @@ import attnrewrite
 from attnrewrite.methods.monarch import (
     default_block_size,
     monarch_attention_reference,
-    torch_stages,
 )
 from attnrewrite.methods.monarch.op import monarch_attention_op
 from attnrewrite.methods.monarch.stages import MonarchConfig, monarch_backward, monarch_forward
@@ -235,22 +234,29 @@ def test_fast_path_matches_reference_forward_and_backward(n, b, steps, pad, mask
         torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", [64, 1 << 17])
-def test_fast_path_chunking_over_and_within_sequences_agrees(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk", [64, 1 << 17, None])
+def test_fast_path_chunking_over_and_within_sequences_agrees(chunk):
     """Tiny chunks split each sequence's stage (strided views, several chunks per sequence);
-    the default covers whole sequences per chunk (flattened views)."""
-    monkeypatch.setattr(torch_stages, "CHUNK_ELEMENTS", chunk)
-    q, k, v = (x.double() for x in random_qkv(3, 40, 6))
+    the default covers whole sequences per chunk (flattened views); None computes each stage in
+    one piece (the ONNX functions' form). Forward and backward against the reference."""
+    q, k, v = (x.double().requires_grad_() for x in random_qkv(3, 40, 6))
     mask = torch.ones(3, 40, dtype=torch.bool)
     mask[1, 30:] = False
     bias = torch.zeros(3, 40, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    ops = TorchStageOps(chunk_elements=chunk)
+    inputs = [x.detach() for x in (q, k, v)]
     for causal in (False, True):
         config = MonarchConfig(0.3, 6, 2, "post", causal)
-        got, _ = monarch_forward(q, k, v, bias, mask, config, TorchStageOps())
+        got, _ = monarch_forward(*inputs, bias, mask, config, ops)
         expected = monarch_attention_reference(
             q, k, v, bias, mask.double(), scale=0.3, block_size=6, is_causal=causal
         )
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+        grad_out = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+        grads = monarch_backward(grad_out, *inputs, bias, mask, config, ops)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
