@@ -259,7 +259,9 @@ def kept_inputs(spec: KeptSpec) -> tuple[torch.Tensor, ...]:
     k, v = (torch.randn(*lead, n_k, 8, generator=g) for _ in range(2))
     mask = torch.rand(*lead[:-1], 1, spec.n, n_k, generator=g) < 0.7
     mask[..., 0] = True  # every query sees a key (eager attention would give NaN otherwise)
-    mask[..., 0, -1], mask[..., 1, -1] = False, True  # rows differ: a mask per query
+    # Rows differ, and query 0 sees the last key: neither a key-padding mask nor a causal +
+    # padding one (which Monarch and HSA honor; at n = 2 the old False, True was causal).
+    mask[..., 0, -1], mask[..., 1, -1] = True, False
     return q.to(spec.dtype), k.to(spec.dtype), v.to(spec.dtype), mask
 
 
