@@ -509,6 +509,14 @@ def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node
     return refined
 
 
+FUSED_MHA_REASON = (
+    "not rewritten: nn.MultiheadAttention's fused forward is one opaque call in this graph "
+    "(torch.compile keeps F.multi_head_attention_forward whole); rewrite the model first with "
+    "attnrewrite.rewrite(model, example_inputs, method=...), which traces inside it, and "
+    "compile result.module"
+)
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Rewrite every provable attention region of `gm` into SDPA; report every candidate site.
 
@@ -525,6 +533,11 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             refined = _refine_sdpa(node, gm)
             changed |= refined is not node
             describe_sdpa_site(site, refined)
+            sites.append(site)
+            continue
+        if sp.FUSED_MULTI_HEAD_ATTENTION.matches(node):
+            site = _site_for(node, "fused_mha")
+            site.keep(FUSED_MHA_REASON)
             sites.append(site)
             continue
         if sp.softmax_operands(node) is None:
