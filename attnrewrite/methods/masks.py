@@ -9,6 +9,12 @@ import torch
 from ..errors import UnsupportedInputError, warn_once
 
 
+def per_token(x: torch.Tensor | None, batch: tuple[int, ...], n: int) -> torch.Tensor | None:
+    """A per-token term broadcastable to (*batch, n) (key bias, query validity) as (g, n) with
+    g = prod(batch), the stages' flat layout; None stays None."""
+    return None if x is None else x.broadcast_to(*batch, n).reshape(math.prod(batch), n)
+
+
 def key_mask_terms(
     attn_mask: torch.Tensor, batch: tuple[int, ...], n: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
 from ..methods.hsa.reference import hsa_attention_reference
-from ..methods.masks import is_causal_padding_mask, key_mask_terms, with_causal
+from ..methods.masks import is_causal_padding_mask, key_mask_terms, per_token, with_causal
 from ..methods.monarch.reference import default_block_size
 from ..methods.monarch.stages import MonarchConfig, monarch_forward
 from ..methods.monarch.torch_stages import TorchStageOps
@@ -84,6 +84,15 @@ def _key_masked(
     )
 
 
+def _refuse_unknown(op: str, spec: str, unknown: dict[str, Any]) -> None:
+    """An argument a lowering does not know could change the function: refuse it."""
+    if unknown:
+        raise UnsupportedInputError(
+            f"no ONNX lowering for {op} arguments {unknown}: extend {spec} in "
+            "attnrewrite/onnx/lowerings.py (the op's signature has changed)"
+        )
+
+
 def monarch_spec(
     q: Any,
     k: Any,
@@ -99,8 +108,7 @@ def monarch_spec(
     **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::monarch_attention` call."""
-    if unknown:  # an argument this lowering does not know could change the function
-        raise UnsupportedInputError(f"no ONNX lowering for monarch_attention arguments {unknown}")
+    _refuse_unknown("monarch_attention", "monarch_spec", unknown)
     if block_size is None:
         raise UnsupportedInputError(
             "ONNX export needs a fixed Monarch block_size; export_onnx resolves it from the "
@@ -141,17 +149,13 @@ def _monarch_approximation(q, k, v, key_bias, query_weight, *, scale, block_size
     one softmax per stage, where the reference's einsums over L and R cost far more in
     onnxruntime."""
     *batch, n, d = q.shape
-    groups = math.prod(batch)
+    batch = tuple(batch)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     config = MonarchConfig(scale, block_size, num_steps, pad, is_causal)
-
-    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.broadcast_to(*batch, n).reshape(groups, n)
-
-    valid = None if query_weight is None else per_token(query_weight) > 0
-    flat = (x.reshape(groups, n, x.shape[-1]) for x in (q, k, v))
+    valid = None if query_weight is None else per_token(query_weight, batch, n) > 0
+    flat = (x.reshape(math.prod(batch), n, x.shape[-1]) for x in (q, k, v))
     ops = TorchStageOps(chunk_elements=None)
-    out, _ = monarch_forward(*flat, per_token(key_bias), valid, config, ops)
+    out, _ = monarch_forward(*flat, per_token(key_bias, batch, n), valid, config, ops)
     return out.reshape(*batch, n, v.shape[-1])
 
 
@@ -165,9 +169,10 @@ def hsa_spec(
     is_causal: bool = False,
     enable_gqa: bool = False,
     fallback: bool = False,
-    **_: Any,
+    **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::hsa_attention` call."""
+    _refuse_unknown("hsa_attention", "hsa_spec", unknown)
     branching = tuple(branching)
     approximate = functools.partial(_hsa_approximation, scale=scale, branching=branching)
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
@@ -223,11 +228,7 @@ def zeros_spec(
     **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::zeros_attention` call (the functional op)."""
-    if unknown:
-        raise UnsupportedInputError(
-            f"no ONNX lowering for zeros_attention arguments {unknown}: extend zeros_spec in "
-            "attnrewrite/onnx/lowerings.py (the op's signature has changed)"
-        )
+    _refuse_unknown("zeros_attention", "zeros_spec", unknown)
     inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
     if key_padding_mask is not None:
         inputs.append(("key_padding_mask", TensorLayout.of(key_padding_mask)))
@@ -257,11 +258,7 @@ def zeros_site_spec(
     """The ONNX function of one `attnrewrite::zeros_site_attention` call (a ZeroS adapter's site
     with its SDPA mask): outputs (out, exact) as the op; the adapter's parameters, LayerNorm and
     gain stay in the model graph."""
-    if unknown:
-        raise UnsupportedInputError(
-            f"no ONNX lowering for zeros_site_attention arguments {unknown}: extend "
-            "zeros_site_spec in attnrewrite/onnx/lowerings.py (the op's signature has changed)"
-        )
+    _refuse_unknown("zeros_site_attention", "zeros_site_spec", unknown)
     inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
     if attn_mask is not None:
         inputs.append(("mask", TensorLayout.of(attn_mask)))

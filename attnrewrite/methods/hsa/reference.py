@@ -54,6 +54,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import OptionError
+from ..masks import per_token
 
 
 def check_branching(branching: Sequence[int]) -> tuple[int, ...]:
@@ -302,12 +303,8 @@ def hsa_attention_reference(
     def flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(groups, n, x.shape[-1])
 
-    def per_token(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.broadcast_to(*batch, n).reshape(groups, n)
-
-    nodes = leaf_nodes(
-        flat(q), flat(k), flat(v), per_token(key_bias), per_token(valid), math.prod(sizes), stats
-    )
+    key_terms = (per_token(key_bias, batch, n), per_token(valid, batch, n))
+    nodes = leaf_nodes(flat(q), flat(k), flat(v), *key_terms, math.prod(sizes), stats)
     levels = []
     for size in sizes:
         weights, lse = softmax_and_lse(family_logits(nodes, size, s, is_causal))
