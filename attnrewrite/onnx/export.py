@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..methods.monarch.reference import default_block_size
 from ..passes.graph_utils import shape_of
 from ..passes.substitute import Policy
 from ..report import Report
-from .functions import DOMAIN, FunctionSpec, quiet_exporter
+from .functions import DOMAIN, MIN_OPSET, FunctionSpec, quiet_exporter
 from .lowerings import LOWERINGS
 
 log = logging.getLogger("attnrewrite")
@@ -111,6 +111,11 @@ def export_onnx(
     exported as it is, unchanged, and its report returned; method, policy and options belong to
     the rewrite() that made it. Rewrite it with the dynamic shapes you export with.
     """
+    if opset is not None and opset < MIN_OPSET:
+        raise OptionError(
+            f"opset must be at least {MIN_OPSET} (the methods' ONNX functions are exported by "
+            f"torch.onnx, which writes opset {MIN_OPSET} and later), got {opset}"
+        )
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
@@ -163,7 +168,7 @@ def export_onnx(
             verbose=False,
         )
     proto = program.model_proto
-    _add_functions(proto, [f for spec in specs.values() for f in spec.build()])
+    _add_functions(proto, specs.values())
     path = Path(path)
     onnx.save(proto, path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -177,10 +182,13 @@ def export_onnx(
     return OnnxExport(path, result.report, error, sorted(specs))
 
 
-def _add_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -> None:
-    """Attach function definitions (once each) and the opset imports their bodies need."""
+def _add_functions(model: onnx.ModelProto, specs: Iterable[FunctionSpec]) -> None:
+    """Attach the specs' functions (once each) and the opset imports their bodies need. Bodies
+    are exported at the model's standard opset: ONNX requires a function's imports to agree with
+    the model's (and a model from opset 23 on may keep sites as standard Attention nodes)."""
     present = {(f.domain, f.name) for f in model.functions}
     imports = {o.domain: o.version for o in model.opset_import}
+    functions = [f for spec in specs for f in spec.build(imports.get(""))]
     for function in functions:
         if (function.domain, function.name) in present:
             continue

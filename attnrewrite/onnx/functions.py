@@ -24,6 +24,9 @@ import torch
 from onnx.defs import OpSchema
 
 DOMAIN = "attnrewrite"
+#: The lowest standard opset a function body can be exported at (torch.onnx's exporter writes 18
+#: and later); a model must import at least this one, as its functions' imports must agree with it.
+MIN_OPSET = 18
 _OPSET = onnxscript.values.Opset(DOMAIN, 1)
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(bool)"]
 #: Inputs with one value per key or per query, (…, N): their last dim is that length.
@@ -114,8 +117,9 @@ class FunctionSpec:
         )
         return onnxscript.values.Op(_OPSET, self.name, schema)(*values)
 
-    def build(self) -> list[onnx.FunctionProto]:
-        """Export the body and turn its graph into this function (plus any it calls)."""
+    def build(self, opset: int | None = None) -> list[onnx.FunctionProto]:
+        """Export the body at the standard `opset` (None: torch.onnx's default) and turn its graph
+        into this function (plus any it calls)."""
         examples, dynamic_shapes = self._examples()
         body = self.body
 
@@ -130,6 +134,7 @@ class FunctionSpec:
                 dynamo=True,
                 dynamic_shapes=(tuple(dynamic_shapes),),
                 input_names=[name for name, _ in self.inputs],
+                opset_version=opset,
                 verbose=False,
             )
         model = program.model_proto

@@ -1,30 +1,40 @@
 """ONNX → ONNX: find softmax attention in an existing .onnx file and put a method's function in
-its place, with onnxscript's pattern rewriter (one rule class; alternatives as OrValue patterns,
-preconditions in `check`, as onnxruntime's transformer fusions do).
+its place, with onnxscript's pattern rewriter: one rule class per source pattern (alternatives as
+OrValue patterns, preconditions in `check`, as onnxruntime's transformer fusions do), sharing how
+a found site is judged and its function built.
 
-Recognized: MatMul(Q, Kᵀ) with Kᵀ a Transpose of K (BHSd or BSHd) or a 3-D reshape round trip;
-optional Mul/Div scales on Q, Kᵀ or the scores; an optional additive mask; Softmax over the last
-axis, optionally with the Where(IsNaN) guard torch's exporter adds; MatMul with V. What does not
-match, or fails a precondition, is kept and reported.
+Recognized:
+- `SoftmaxAttention`, the decomposed form (torch.onnx below opset 23, most exporters):
+  MatMul(Q, Kᵀ) with Kᵀ a Transpose of K (BHSd or BSHd) or a 3-D reshape round trip; optional
+  Mul/Div scales on Q, Kᵀ or the scores; an optional additive mask; Softmax over the last axis,
+  optionally with the Where(IsNaN) guard torch's exporter adds; MatMul with V.
+- `AttentionOp`, the standard `Attention` op (opset 23+; torch.onnx emits it for SDPA from
+  opset 23): 4-D or 3-D (with q_num_heads/kv_num_heads) inputs, grouped heads, bool or float
+  masks, is_causal, scale. A KV cache, softcap, or any output but Y keeps the site.
+What does not match, or fails a precondition, is kept and reported, as is every Softmax or
+Attention node no rule took.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import version_converter
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchFailureError
 
+from ..errors import UnsupportedInputError
 from ..methods import get_method
 from ..report import Report
 from ..site import AttentionSite
 from .export import _add_functions
-from .functions import DOMAIN, FunctionSpec, TensorLayout
+from .functions import DOMAIN, MIN_OPSET, FunctionSpec, TensorLayout
 from .lowerings import METHOD_SPECS
 
 
@@ -42,15 +52,94 @@ def _scaled(op, x, factor, tag: str):
     )
 
 
-class SoftmaxAttention(pattern.RewriteRuleClassBase):
-    """softmax(scale · Q Kᵀ + mask) V → one call of the method's ONNX function."""
+def _dim(d: Any) -> int | str | None:
+    """A static size, or the name of a symbolic one (equal names are equal sizes)."""
+    return d if isinstance(d, int) else getattr(d, "value", None)
 
-    def __init__(self, method: str, options: dict[str, Any], report: Report) -> None:
-        super().__init__(name=f"SoftmaxAttentionTo_{method}")
-        self.method, self.options, self.report = method, options, report
-        self.specs: dict[str, FunctionSpec] = {}
+
+def _shape(value: ir.Value) -> tuple[int | str | None, ...]:
+    return tuple(_dim(d) for d in value.shape)
+
+
+class _MethodFunctionRule(pattern.RewriteRuleClassBase):
+    """What every source pattern shares: judging a found site against the method, building the
+    method's function for it, and reporting it, replaced or kept with the reason."""
+
+    def __init__(
+        self,
+        source: str,
+        method: str,
+        options: dict[str, Any],
+        report: Report,
+        specs: dict[str, FunctionSpec],
+    ) -> None:
+        super().__init__(name=f"{source}To_{method}")
+        self.method, self.options, self.report, self.specs = method, options, report, specs
         self._spec: FunctionSpec | None = None
         self._site: AttentionSite | None = None
+
+    def _judge(
+        self,
+        site: AttentionSite,
+        layouts: tuple[TensorLayout, TensorLayout, TensorLayout],
+        mask: ir.Value | None,
+    ) -> pattern.MatchResult:
+        """Accept the site (its function built, reported at `rewrite`) or keep and report it.
+
+        site: with (B, H, S, d) shapes; layouts: of q, k, v as the function takes them."""
+        result = pattern.MatchResult()
+        site.mask = "causal" if site.is_causal else "none"
+        if mask is not None:
+            site.mask = "full"
+            if mask.shape is not None:
+                site.mask_shape = _shape(mask)
+                site.mask = "key" if len(mask.shape) < 2 or mask.shape[-2] == 1 else "full"
+        method = get_method(self.method)
+        parsed = method.parse_options(self.options)
+        reason = method.unsupported_reason(site, parsed)
+        if site.q_len is None or site.k_len is None:
+            reason = "dynamic sequence lengths whose equality cannot be proven from the graph"
+        if reason:
+            return self._keep(result, site, reason)
+        try:
+            self._spec = METHOD_SPECS[self.method](
+                *layouts,
+                mask,
+                site.scale,
+                site.q_len,
+                parsed,
+                is_causal=site.is_causal,
+                enable_gqa=site.enable_gqa,
+            )
+        except Exception as error:
+            self._keep(result, site, f"cannot build the {self.method} function: {error}")
+            raise MatchFailureError(str(error)) from error
+        site.status, site.method = "replaced", self.method
+        site.options = method.site_options(site, parsed)
+        self._site = site
+        return result
+
+    def _keep(
+        self, result: pattern.MatchResult, site: AttentionSite, reason: str
+    ) -> pattern.MatchResult:
+        site.keep(reason)
+        self.report.sites.append(site)
+        return result.fail(reason)
+
+    def _call(self, op, *inputs: ir.Value | None) -> ir.Value:
+        """The node calling the accepted site's function (reported now: the rewrite happens)."""
+        spec, site = self._spec, self._site
+        assert spec is not None and site is not None
+        self.specs.setdefault(spec.name, spec)
+        self.report.sites.append(site)
+        return getattr(op, spec.name)(*(x for x in inputs if x is not None), _domain=DOMAIN)
+
+
+class SoftmaxAttention(_MethodFunctionRule):
+    """softmax(scale · Q Kᵀ + mask) V, spelled out in MatMul, Softmax and MatMul."""
+
+    def __init__(self, method, options, report, specs) -> None:
+        super().__init__("SoftmaxAttention", method, options, report, specs)
 
     def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale):
         key_bhsd = op.Transpose(key, perm=[0, 1, 3, 2])
@@ -88,76 +177,162 @@ class SoftmaxAttention(pattern.RewriteRuleClassBase):
             if factor is None:
                 return result.fail(f"{name} is not a constant scalar")
             scale = scale * factor if kind == "Mul" else scale / factor
-        shapes = [v.shape for v in (query, key, value)]
-        if any(s is None or len(s) != 4 for s in shapes):
+        if any(v.shape is None or len(v.shape) != 4 for v in (query, key, value)):
             return result.fail("query, key and value must be rank-4 with known ranks")
+        key_layout = TensorLayout.of(key)
+        if key_format == "BSHd":  # the function takes K as (B, H, S, d)
+            key_layout = key_layout.permuted((0, 2, 1, 3))
+        key_shape = _shape(key)
+        if key_format == "BSHd":
+            key_shape = (key_shape[0], key_shape[2], key_shape[1], key_shape[3])
         site = AttentionSite(
             name=value.name or "attention",
             node=value.name or "",
             layer=None,
             spelling="onnx",
-            q_shape=tuple(_dim(d) for d in query.shape),
-            k_shape=_bhsd(tuple(_dim(d) for d in key.shape), key_format),
-            v_shape=tuple(_dim(d) for d in value.shape),
+            q_shape=_shape(query),
+            k_shape=key_shape,
+            v_shape=_shape(value),
             scale=scale,
         )
-        site.mask = "none" if mask is None else "full"
-        if mask is not None and mask.shape is not None and len(mask.shape) >= 2:
-            site.mask_shape = tuple(_dim(d) for d in mask.shape)
-            site.mask = "key" if mask.shape[-2] == 1 else "full"
-        method = get_method(self.method)
-        parsed = method.parse_options(self.options)
-        reason = (
-            method.unsupported_reason(site, parsed)
-            if site.q_len == site.k_len
-            else (f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len})")
-        )
-        if site.q_len is None or site.k_len is None:
-            reason = "dynamic sequence lengths whose equality cannot be proven from the graph"
-        if reason:
-            site.keep(reason)
-            self.report.sites.append(site)
-            return result.fail(reason)
-        try:
-            key_layout = TensorLayout.of(key)
-            if key_format == "BSHd":  # the function takes K as (B, H, S, d)
-                key_layout = key_layout.permuted((0, 2, 1, 3))
-            self._spec = METHOD_SPECS[self.method](
-                query, key_layout, value, mask, scale, site.q_len, parsed
-            )
-        except Exception as error:
-            site.keep(f"cannot build the {self.method} function: {error}")
-            self.report.sites.append(site)
-            raise MatchFailureError(str(error)) from error
-        site.status, site.method = "replaced", self.method
-        site.options = method.site_options(site, parsed)
-        self._site = site
-        return result
+        layouts = (TensorLayout.of(query), key_layout, TensorLayout.of(value))
+        return self._judge(site, layouts, mask)
 
     def rewrite(self, op, query, key, value, mask, key_format, **_):
-        spec = self._spec
-        self.specs.setdefault(spec.name, spec)
-        self.report.sites.append(self._site)
         if key_format == "BSHd":
             key = op.Transpose(key, perm=[0, 2, 1, 3])
-        inputs = [x for x in (query, key, value, mask) if x is not None]
-        return getattr(op, spec.name)(*inputs, _domain=DOMAIN)
+        return self._call(op, query, key, value, mask)
 
 
-def _dim(d: Any) -> int | str | None:
-    """A static size, or the name of a symbolic one (equal names are equal sizes)."""
-    return d if isinstance(d, int) else getattr(d, "value", None)
+def _heads_first(value: ir.Value, heads: int | None) -> tuple[tuple, TensorLayout]:
+    """Shape and layout of an Attention input as (B, H, S, d): 4-D as it is, 3-D (B, S, H·d)
+    split into `heads`."""
+    shape, layout = _shape(value), TensorLayout.of(value)
+    if len(shape) == 4:
+        return shape, layout
+    batch, length, hidden = shape
+    head_dim = hidden // heads if isinstance(hidden, int) and heads else None
+    static = tuple(d if isinstance(d, int) else None for d in (batch, heads, length, head_dim))
+    return (batch, heads, length, head_dim), TensorLayout(layout.dtype, static)
 
 
-def _bhsd(shape: tuple, key_format: str) -> tuple:
-    return shape if key_format == "BHSd" else (shape[0], shape[2], shape[1], shape[3])
+def _split_heads(op, x: ir.Value, heads: int) -> ir.Value:
+    """(B, S, H·d) → (B, H, S, d)."""
+    shape = op.Constant(value_ints=[0, 0, heads, -1])
+    return op.Transpose(op.Reshape(x, shape), perm=[0, 2, 1, 3])
+
+
+@dataclasses.dataclass
+class _AttentionNode:
+    """An `Attention` node read as a site: q, k, v as (B, H, S, d), and why it is more than
+    plain softmax attention (None when it is not)."""
+
+    site: AttentionSite
+    layouts: tuple[TensorLayout, TensorLayout, TensorLayout] | None
+    mask: ir.Value | None
+    heads: tuple[int, int] | None  # (q_num_heads, kv_num_heads) of 3-D inputs
+    reason: str | None
+
+    @classmethod
+    def of(cls, node: ir.Node) -> _AttentionNode:
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        query, key, value = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        site = AttentionSite(
+            name=node.name or node.outputs[0].name or "attention",
+            node=node.outputs[0].name or "",
+            layer=None,
+            spelling="onnx_attention",
+            is_causal=bool(attributes.get("is_causal", 0)),
+            scale=attributes.get("scale"),
+        )
+        if mask is not None:
+            site.mask = "full"
+            site.mask_shape = None if mask.shape is None else _shape(mask)
+        ranks = {None if v is None or v.shape is None else len(v.shape) for v in node.inputs[:3]}
+        heads = (attributes.get("q_num_heads"), attributes.get("kv_num_heads"))
+        if ranks == {4}:
+            heads = None
+        elif ranks != {3} or not all(heads):
+            reason = "inputs are neither 4-D nor 3-D with q_num_heads and kv_num_heads"
+            return cls(site, None, mask, None, reason)
+        q_heads, kv_heads = heads or (None, None)
+        site.q_shape, q_layout = _heads_first(query, q_heads)
+        site.k_shape, k_layout = _heads_first(key, kv_heads)
+        site.v_shape, v_layout = _heads_first(value, kv_heads)
+        site.enable_gqa = site.q_shape[1] != site.k_shape[1]
+        reason = cls._unsupported_form(node, attributes, mask, site)
+        return cls(site, (q_layout, k_layout, v_layout), mask, heads, reason)
+
+    @staticmethod
+    def _unsupported_form(
+        node: ir.Node, attributes: dict[str, Any], mask: ir.Value | None, site: AttentionSite
+    ) -> str | None:
+        if any(x is not None for x in node.inputs[4:]):
+            return (
+                "a KV cache (past_key/past_value or nonpad_kv_seqlen inputs): decoding with a "
+                "cache is not rewritten; export the model without the cache"
+            )
+        used = [v.name for v in node.outputs[1:] if v.uses() or v.is_graph_output()]
+        if used:
+            return f"outputs besides Y are used ({', '.join(map(str, used))}): the method has none"
+        if attributes.get("softcap", 0.0):
+            return f"softcap={attributes['softcap']}: the method has no logit soft-capping"
+        if site.q_shape[1] is None or site.k_shape[1] is None:
+            return "unknown head counts"
+        if mask is not None and (mask.shape is None or _dim(mask.shape[-1]) != site.k_len):
+            return "the mask's key length is not the keys' (a mask shorter than K, or unknown)"
+        return None
+
+
+class AttentionOp(_MethodFunctionRule):
+    """The standard `Attention` op (opset 23+) when it is plain softmax attention: no KV cache
+    (past_key/past_value, nonpad_kv_seqlen), no softcap, and Y its only used output. (The
+    matcher itself passes over a node whose other outputs are used; `rewrite_onnx` reports it.)"""
+
+    def __init__(self, method, options, report, specs) -> None:
+        super().__init__("AttentionOp", method, options, report, specs)
+        self._node: _AttentionNode | None = None
+
+    def pattern(self, op, query, key, value):
+        return op.Attention(
+            query,
+            key,
+            value,
+            _allow_other_inputs=True,
+            _allow_other_attributes=True,
+            _outputs=["out"],
+        )
+
+    def check(self, context, out, **_):
+        self._node = found = _AttentionNode.of(out.producer())
+        if found.reason or found.layouts is None:
+            return self._keep(pattern.MatchResult(), found.site, found.reason or "")
+        return self._judge(found.site, found.layouts, found.mask)
+
+    def rewrite(self, op, query, key, value, **_):
+        found = self._node
+        assert found is not None
+        if found.heads is None:
+            return self._call(op, query, key, value, found.mask)
+        q_heads, kv_heads = found.heads
+        heads_first = self._call(
+            op,
+            _split_heads(op, query, q_heads),
+            _split_heads(op, key, kv_heads),
+            _split_heads(op, value, kv_heads),
+            found.mask,
+        )
+        merged = op.Constant(value_ints=[0, 0, -1])
+        return op.Reshape(op.Transpose(heads_first, perm=[0, 2, 1, 3]), merged)
 
 
 def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: Any) -> Report:
     """Rewrite the softmax attention of the ONNX model `src` to `method`, write `dst`.
 
     Returns a report like `rewrite()`'s: every matched site replaced or kept with the reason.
-    The result is checked with `onnx.checker.check_model(full_check=True)`.
+    A model older than opset 18 is converted up to it first (onnx's version converter), as the
+    functions need. The result is checked with `onnx.checker.check_model(full_check=True)`.
     """
     get_method(method).parse_options(options)
     if method not in METHOD_SPECS:
@@ -165,33 +340,86 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
             f"method {method!r} has no ONNX function; ONNX rewriting supports "
             f"{', '.join(sorted(METHOD_SPECS))}"
         )
-    model = ir.from_proto(onnx.load(str(src)))  # with its external data, if any
+    model = ir.from_proto(_at_least_min_opset(onnx.load(str(src))))  # with its external data
     report = Report(method=method)
-    rule = SoftmaxAttention(method, options, report)
-    pattern.RewriteRuleSet([_rule(rule)]).apply_to_model(model)
+    specs: dict[str, FunctionSpec] = {}
+    rules = [kind(method, options, report, specs) for kind in (SoftmaxAttention, AttentionOp)]
+    pattern.RewriteRuleSet([_rule(rule) for rule in rules]).apply_to_model(model)
     RemoveUnusedNodesPass()(model)  # the scale constants of replaced sites
-    reported = {site.node for site in report.sites}
-    for node in model.graph:
-        if node.op_type == "Softmax" and node.domain == "" and node.outputs[0].name not in reported:
-            site = AttentionSite(
-                name=node.name, node=node.outputs[0].name, layer=None, spelling="onnx"
-            )
-            site.keep(
-                "not rewritten: no attention pattern around this Softmax (scores from "
-                "MatMul(Q, Kᵀ), softmax over the last axis, only user a MatMul with V)"
-            )
-            report.sites.append(site)
+    _report_untaken(model, report)
     proto = ir.to_proto(model)
-    _add_functions(proto, [f for spec in rule.specs.values() for f in spec.build()])
+    _add_functions(proto, specs.values())
     onnx.save(proto, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return report
 
 
-def _rule(instance: SoftmaxAttention) -> pattern.RewriteRule:
+def _at_least_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model, converted up to MIN_OPSET when it imports an older standard opset (its
+    functions' imports must agree with it); the conversion keeps what the model computes."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as error:
+        raise UnsupportedInputError(
+            f"the model imports opset {opset}, older than {MIN_OPSET}, the lowest the methods' "
+            f"functions are built at, and onnx's version converter could not upgrade it "
+            f"({error}); export the model at opset {MIN_OPSET} or later"
+        ) from error
+
+
+#: onnxruntime's fused attention ops (its transformer optimizer writes them), whose inputs are
+#: packed projections and caches, not a Q, K, V a method could take.
+_FUSED_ATTENTION_OPS = {
+    "Attention",
+    "DecoderMaskedMultiHeadAttention",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "PackedAttention",
+    "PackedMultiHeadAttention",
+    "SparseAttention",
+}
+
+
+def _untaken_site(node: ir.Node) -> AttentionSite | None:
+    """The kept site of an attention op no rule took, or None for another op."""
+    site = AttentionSite(name=node.name, node=node.outputs[0].name, layer=None, spelling="onnx")
+    if node.domain == "" and node.op_type == "Attention":
+        found = _AttentionNode.of(node)
+        site = found.site
+        site.keep(found.reason or "not rewritten: the Attention rule did not match it")
+    elif node.domain == "" and node.op_type == "Softmax":
+        site.keep(
+            "not rewritten: no attention pattern around this Softmax (scores from "
+            "MatMul(Q, Kᵀ), softmax over the last axis, only user a MatMul with V)"
+        )
+    elif node.domain == "com.microsoft" and node.op_type in _FUSED_ATTENTION_OPS:
+        site.spelling = f"ort_{node.op_type}"
+        site.keep(
+            f"onnxruntime's fused com.microsoft.{node.op_type}: rewrite the model before "
+            "onnxruntime's transformer optimizer fuses its attention (or export it again)"
+        )
+    else:
+        return None
+    return site
+
+
+def _report_untaken(model: ir.Model, report: Report) -> None:
+    """Report as kept every attention op that no rule matched (nor reported while matching), so
+    that nothing is passed over silently."""
+    reported = {site.node for site in report.sites}
+    for node in model.graph:
+        site = None if node.outputs[0].name in reported else _untaken_site(node)
+        if site is not None:
+            report.sites.append(site)
+
+
+def _rule(instance: _MethodFunctionRule) -> pattern.RewriteRule:
     return pattern.RewriteRule(
         instance.pattern, instance.rewrite, instance.check, name=instance.name
     )
 
 
-__all__ = ["SoftmaxAttention", "rewrite_onnx"]
+__all__ = ["AttentionOp", "SoftmaxAttention", "rewrite_onnx"]

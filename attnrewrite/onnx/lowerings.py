@@ -310,19 +310,27 @@ def _zeros_site_body(q, k, v, key_logits, gate_first, gate_residual, mask=None, 
     return out, exact
 
 
-def _monarch_for_site(q, k, v, mask, scale, seq_len, options) -> FunctionSpec:
+def _monarch_for_site(q, k, v, mask, scale, seq_len, options, *, is_causal, enable_gqa):
     if options.block_size is None and not isinstance(seq_len, int):
         raise UnsupportedInputError(
             f"the sequence length is dynamic ({seq_len}): pass an explicit block size "
             "(block_size=..., or --block-size on the command line)"
         )
     block_size = options.block_size or default_block_size(seq_len)
-    return monarch_spec(q, k, v, mask, scale, block_size, options.num_steps, options.pad)
+    return monarch_spec(q, k, v, mask, scale, block_size, options.num_steps, options.pad,
+                        enable_gqa=enable_gqa, is_causal=is_causal)  # fmt: skip
 
 
-#: method name → FunctionSpec from (q, k, v, mask, scale, sequence length, parsed options),
-#: for sites found in ONNX graphs
-METHOD_SPECS: dict[str, Callable[..., FunctionSpec]] = {"monarch": _monarch_for_site}
+def _hsa_for_site(q, k, v, mask, scale, seq_len, options, *, is_causal, enable_gqa):
+    return hsa_spec(q, k, v, mask, scale, options.branching, is_causal, enable_gqa)
+
+
+#: method name → FunctionSpec from (q, k, v, mask, scale, sequence length, parsed options,
+#: is_causal=, enable_gqa=), for sites found in ONNX graphs (q, k, v as (B, H, S, d))
+METHOD_SPECS: dict[str, Callable[..., FunctionSpec]] = {
+    "monarch": _monarch_for_site,
+    "hsa": _hsa_for_site,
+}
 
 #: custom op → function that builds the FunctionSpec from the op's call arguments
 LOWERINGS: dict[Any, Callable[..., FunctionSpec]] = {
