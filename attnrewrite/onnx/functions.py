@@ -39,6 +39,7 @@ _ONNX_TO_TORCH = {
     onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.BOOL: torch.bool,
 }
+_TORCH_TO_ONNX = {dtype: onnx_type for onnx_type, dtype in _ONNX_TO_TORCH.items()}
 
 
 @contextlib.contextmanager
@@ -80,6 +81,23 @@ class TensorLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Choice:
+    """A run-time choice between two bodies, which becomes an ONNX `If` over pieces exported one
+    by one: `predicate(*inputs)` gives a 0-d bool tensor, `then` and `otherwise` are bodies or
+    Choices again. Why not torch.cond: torch.export traces a cond's branches several times, and
+    its non-strict mode fails inside them (builtin max of SymInts), so a body with two Monarch
+    branches took about twice as long to export as its pieces do one by one."""
+
+    predicate: Callable[..., torch.Tensor]
+    then: Callable[..., Any] | Choice
+    otherwise: Callable[..., Any] | Choice
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """The branch the predicate picks, run eagerly (what the If does in onnxruntime)."""
+        return (self.then if bool(self.predicate(*inputs)) else self.otherwise)(*inputs)
+
+
+@dataclasses.dataclass(frozen=True)
 class FunctionSpec:
     """One ONNX function: a name prefix, hyperparameters, input layouts and the PyTorch body.
 
@@ -91,7 +109,7 @@ class FunctionSpec:
     prefix: str
     options: tuple[tuple[str, Any], ...]
     inputs: tuple[tuple[str, TensorLayout], ...]
-    body: Callable[..., torch.Tensor] = dataclasses.field(compare=False, hash=False)
+    body: Callable[..., Any] | Choice = dataclasses.field(compare=False, hash=False)
     cross: bool = False
     outputs: tuple[tuple[str, str], ...] = (("out", "T0"),)
     # Example sequence length for the export: one where every code path of the body is taken
@@ -118,13 +136,70 @@ class FunctionSpec:
         return onnxscript.values.Op(_OPSET, self.name, schema)(*values)
 
     def build(self, opset: int | None = None) -> list[onnx.FunctionProto]:
-        """Export the body at the standard `opset` (None: torch.onnx's default) and turn its graph
-        into this function (plus any it calls)."""
+        """This function (plus any it calls), its body exported at the standard `opset` (None:
+        torch.onnx's default); a `Choice` becomes `If` nodes over pieces exported one by one."""
+        if not isinstance(self.body, Choice):
+            return self._export(self.body, self.name, opset)
+        pieces: list[onnx.FunctionProto] = []
+        outputs = [name for name, _ in self.outputs]
+        nodes = self._choose(self.body, "", outputs, pieces, opset)
+        standard = next(o.version for o in pieces[0].opset_import if o.domain == "")
+        imports = [onnx.helper.make_opsetid("", standard), onnx.helper.make_opsetid(DOMAIN, 1)]
+        inputs = [name for name, _ in self.inputs]
+        main = onnx.helper.make_function(
+            DOMAIN, self.name, inputs, outputs, nodes, imports, doc_string=self._doc()
+        )
+        return [main, *pieces]
+
+    def _choose(
+        self,
+        choice: Choice,
+        path: str,
+        outputs: list[str],
+        pieces: list[onnx.FunctionProto],
+        opset: int | None,
+    ) -> list[onnx.NodeProto]:
+        """Nodes computing `outputs` by `choice`: its predicate, then an If whose branches call
+        their pieces (or choose again). Piece and value names follow the path of branches."""
+        inputs = [name for name, _ in self.inputs]
+        predicate = f"{self.name}_{path}if"
+        pieces.extend(self._export(choice.predicate, predicate, opset))
+        condition = f"{path}condition"
+        nodes = [onnx.helper.make_node(predicate, inputs, [condition], domain=DOMAIN)]
+        branches = {}
+        for side, body in (("then", choice.then), ("else", choice.otherwise)):
+            branch_path = f"{path}{side}_"
+            results = [f"{branch_path}{name}" for name in outputs]
+            if isinstance(body, Choice):
+                inner = self._choose(body, branch_path, results, pieces, opset)
+            else:
+                piece = f"{self.name}_{branch_path}".rstrip("_")
+                pieces.extend(self._export(body, piece, opset))
+                inner = [onnx.helper.make_node(piece, inputs, results, domain=DOMAIN)]
+            declared = [onnx.helper.make_tensor_value_info(name, self._element_type(kind), None)
+                        for name, (_, kind) in zip(results, self.outputs, strict=True)]  # fmt: skip
+            branches[f"{side}_branch"] = onnx.helper.make_graph(inner, branch_path, [], declared)
+        nodes.append(onnx.helper.make_node("If", [condition], outputs, **branches))
+        return nodes
+
+    def _doc(self) -> str:
+        return f"{self.prefix} {dict(self.options)}"
+
+    def _element_type(self, kind: str) -> int:
+        """The ONNX element type of an output declared `kind` ("T0": q's, or "tensor(bool)"…)."""
+        if kind == "T0":
+            return _TORCH_TO_ONNX[self.inputs[0][1].dtype]
+        name = kind.removeprefix("tensor(").removesuffix(")").upper()
+        return onnx.TensorProto.DataType.Value(name)
+
+    def _export(
+        self, body: Callable[..., Any], name: str, opset: int | None
+    ) -> list[onnx.FunctionProto]:
+        """`body` exported by torch.onnx as the function `name` (plus any it calls)."""
         examples, dynamic_shapes = self._examples()
-        body = self.body
 
         class Body(torch.nn.Module):
-            def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            def forward(self, *args: torch.Tensor) -> Any:
                 return body(*args)
 
         with quiet_exporter():
@@ -146,12 +221,12 @@ class FunctionSpec:
         ]
         function = onnx.helper.make_function(
             DOMAIN,
-            self.name,
+            name,
             [i.name for i in model.graph.input],
             [o.name for o in model.graph.output],
             [*constants, *model.graph.node],
             list(model.opset_import),
-            doc_string=f"{self.prefix} {dict(self.options)}",
+            doc_string=self._doc(),
         )
         return [function, *model.functions]
 

@@ -2,7 +2,7 @@
 
 A body must be exportable with dynamic shapes: no data-dependent Python branches. The run-time
 check of a (…, N, N) mask (a key-padding mask, a causal + key-padding mask, or neither: exact
-attention) becomes `torch.cond`, i.e. ONNX `If` nodes, as the PyTorch op decides it. ZeroS is
+attention) becomes a `Choice`, i.e. ONNX `If` nodes, as the PyTorch op decides it. ZeroS is
 lowered in its linear form (O(N)): the causal recurrence over tokens becomes an ONNX `Scan`.
 """
 
@@ -24,7 +24,7 @@ from ..methods.monarch.stages import MonarchConfig, monarch_forward
 from ..methods.monarch.torch_stages import TorchStageOps
 from ..methods.zeros.adapter import with_key_bias
 from ..methods.zeros.op import zeros_attention_linear
-from .functions import FunctionSpec, TensorLayout
+from .functions import Choice, FunctionSpec, TensorLayout
 
 
 def _rows_equal(mask: torch.Tensor) -> torch.Tensor:
@@ -33,55 +33,67 @@ def _rows_equal(mask: torch.Tensor) -> torch.Tensor:
     return (mask == mask[..., :1, :]).all()
 
 
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool):
+    """q, k, v with grouped key/value heads repeated to the query heads."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    return q, k, v
+
+
+def _is_key_mask(*inputs: torch.Tensor) -> torch.Tensor:
+    """Whether a function's mask (its last input) is a key-padding mask."""
+    return _rows_equal(inputs[-1])
+
+
+def _is_honored_mask(*inputs: torch.Tensor) -> torch.Tensor:
+    """Whether a function's mask (its last input) is one the approximations honor."""
+    return _rows_equal(inputs[-1]) | is_causal_padding_mask(inputs[-1])
+
+
 def _key_masked(
     approximate: Callable[..., torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    mask: Any,
     *,
     scale: float | None,
     enable_gqa: bool,
     is_causal: bool,
-) -> torch.Tensor:
-    """Run `approximate(q, k, v, key_bias, query_weight, is_causal=...)` on the masks the PyTorch
-    op honors (`masks.site_mask_terms`), deciding in the graph as the op decides at run time: a
-    key-padding mask → the approximation; a causal + key-padding mask → its causal form with the
-    last row's key terms; any other mask → exact attention (an ONNX If)."""
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    stats = torch.promote_types(q.dtype, torch.float32)
-    if mask is None:
-        return approximate(q, k, v, None, None, is_causal=is_causal)
+) -> Callable[..., torch.Tensor] | Choice:
+    """The body of a function running `approximate(q, k, v, key_bias, query_weight,
+    is_causal=...)` on the masks the PyTorch op honors (`masks.site_mask_terms`), deciding in
+    the graph as the op decides at run time: a key-padding mask → the approximation; a causal +
+    key-padding mask → its causal form with the last row's key terms; any other mask → exact
+    attention. `mask`: the mask input's layout (None: no mask); one with a query axis makes the
+    body a `Choice` (ONNX Ifs)."""
 
     def approximation(causal: bool) -> Callable[..., torch.Tensor]:
-        def branch(q, k, v, mask):
-            row = mask[..., -1:, :]  # any row of a key mask; the full row of a causal one
+        def body(q, k, v, mask=None):
+            q, k, v = _grouped(q, k, v, enable_gqa)
+            if mask is None:
+                return approximate(q, k, v, None, None, is_causal=causal)
+            row = mask if mask.dim() < 2 else mask[..., -1:, :]  # the full row of a causal one
+            stats = torch.promote_types(q.dtype, torch.float32)
             terms = key_mask_terms(row, tuple(q.shape[:-2]), q.shape[-2], stats)
             return approximate(q, k, v, *terms, is_causal=causal)
 
-        return branch
+        return body
 
-    if mask.dim() < 2 or mask.shape[-2] == 1:
-        return approximation(is_causal)(q, k, v, mask)
-
-    def honored(q, k, v, mask):
-        if is_causal:
-            return approximation(True)(q, k, v, mask)
-        return torch.cond(
-            _rows_equal(mask), approximation(False), approximation(True), (q, k, v, mask)
-        )
+    layout = None if mask is None else TensorLayout.of(mask)
+    if layout is None or len(layout.shape) < 2 or layout.shape[-2] == 1:
+        return approximation(is_causal)
 
     def exact(q, k, v, mask):
+        q, k, v = _grouped(q, k, v, enable_gqa)
         n = q.shape[-2]
-        return F.scaled_dot_product_attention(
-            q, k, v, with_causal(mask, n, n) if is_causal else mask, scale=scale
-        )
+        causal_mask = with_causal(mask, n, n) if is_causal else mask
+        return F.scaled_dot_product_attention(q, k, v, causal_mask, scale=scale)
 
-    return torch.cond(
-        _rows_equal(mask) | is_causal_padding_mask(mask), honored, exact, (q, k, v, mask)
+    honored = (
+        approximation(True)
+        if is_causal
+        else Choice(_is_key_mask, approximation(False), approximation(True))
     )
+    return Choice(_is_honored_mask, honored, exact)
 
 
 def _refuse_unknown(op: str, spec: str, unknown: dict[str, Any]) -> None:
@@ -132,8 +144,8 @@ def monarch_spec(
         ("scale", scale),
         ("gqa", enable_gqa),
     )
-    body = functools.partial(
-        _key_masked, approximate, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
+    body = _key_masked(
+        approximate, attn_mask, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
     )
     # More than one block, and a ragged last one: the export then keeps padding and block count
     # symbolic instead of specializing them.
@@ -184,8 +196,8 @@ def hsa_spec(
         ("scale", scale),
         ("gqa", enable_gqa),
     )
-    body = functools.partial(
-        _key_masked, approximate, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
+    body = _key_masked(
+        approximate, attn_mask, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
     )
     # Every level of the tree present, and ragged groups: nothing specializes in the export.
     example_length = 2 * math.prod(branching) + 3
@@ -263,51 +275,52 @@ def zeros_site_spec(
     if attn_mask is not None:
         inputs.append(("mask", TensorLayout.of(attn_mask)))
     cross = _may_differ(q.shape[-2], k.shape[-2])
-    body = functools.partial(_zeros_site_body, is_causal=is_causal, scale=scale, cross=cross)
+    body = _zeros_site_body(attn_mask, is_causal=is_causal, scale=scale, cross=cross)
     options = (("causal", is_causal), ("scale", scale))
     return FunctionSpec("ZeroSSiteAttention", options, tuple(inputs), body, cross=cross,
                         outputs=(("out", "T0"), ("exact", "tensor(bool)")))  # fmt: skip
 
 
-def _zeros_site_body(q, k, v, key_logits, gate_first, gate_residual, mask=None, *, is_causal,
-                     scale, cross):  # fmt: skip
+def _zeros_site_body(
+    mask: Any, *, is_causal: bool, scale: float | None, cross: bool
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | Choice:
     """`zeros_site_attention_op` with its mask checks (`site_mask_terms`) decided in the graph:
     a key-padding mask → ZeroS; a causal + key-padding mask → causal ZeroS; any other → exact
-    attention (an ONNX If) and exact = True.
+    attention and exact = True. `mask`: the mask input's layout (None: no mask); one with a
+    query axis makes the body a `Choice` (ONNX Ifs)."""
 
-    For a mask with a query axis both ZeroS forms are computed and one is selected (both are
-    O(N)): in a torch.cond branch the ZeroS body's shapes are traced apart from the function's
-    dynamic dims, and onnxruntime then fails on other batch sizes."""
-    no = torch.zeros((), dtype=torch.bool, device=q.device)
-    if mask is None:
-        out = _zeros_body(q, k, v, key_logits, gate_first, gate_residual, is_causal=is_causal)
-        return out, no
-    stats = torch.promote_types(q.dtype, torch.float32)
-
-    def zeros(row, causal):
+    def zeros(causal: bool, row: slice) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """ZeroS with the key terms of one mask row (…, 1, Nk)."""
-        key_bias, query_weight = key_mask_terms(row, tuple(q.shape[:-2]), k.shape[-2], stats)
-        key_valid = query_weight > 0
-        logits = with_key_bias(key_logits, key_bias, key_valid, stats)
-        return _zeros_body(q, k, v, logits, gate_first, gate_residual, key_valid,
-                           is_causal=causal)  # fmt: skip
 
-    if mask.dim() < 2 or mask.shape[-2] == 1:
-        return zeros(mask, False), no
-    rows_equal = _rows_equal(mask)
-    out = zeros(mask[..., :1, :], False)
+        def body(q, k, v, key_logits, gate_first, gate_residual, mask=None):
+            gates = (gate_first, gate_residual)
+            no = torch.zeros((), dtype=torch.bool, device=q.device)
+            if mask is None:
+                return _zeros_body(q, k, v, key_logits, *gates, is_causal=causal), no
+            stats = torch.promote_types(q.dtype, torch.float32)
+            terms = mask if mask.dim() < 2 else mask[..., row, :]
+            key_bias, query_weight = key_mask_terms(terms, tuple(q.shape[:-2]), k.shape[-2], stats)
+            key_valid = query_weight > 0
+            logits = with_key_bias(key_logits, key_bias, key_valid, stats)
+            return _zeros_body(q, k, v, logits, *gates, key_valid, is_causal=causal), no
+
+        return body
+
+    first_row, last_row = slice(None, 1), slice(-1, None)
+    layout = None if mask is None else TensorLayout.of(mask)
+    if layout is None:
+        return zeros(is_causal, first_row)
+    if len(layout.shape) < 2 or layout.shape[-2] == 1:
+        return zeros(False, first_row)
+
+    def exact(q, k, v, key_logits, gate_first, gate_residual, mask):
+        yes = torch.ones((), dtype=torch.bool, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, mask, scale=scale), yes
+
     if cross:  # causal ZeroS needs Nq = Nk
-        exact = ~rows_equal
-    else:
-        exact = ~(rows_equal | is_causal_padding_mask(mask))
-        out = torch.where(rows_equal, out, zeros(mask[..., -1:, :], True))
-    out = torch.cond(
-        exact,
-        lambda q, k, v, mask, _: F.scaled_dot_product_attention(q, k, v, mask, scale=scale),
-        lambda q, k, v, mask, out: out.clone(),  # a branch may not return its input
-        (q, k, v, mask, out),
-    )
-    return out, exact
+        return Choice(_is_key_mask, zeros(False, first_row), exact)
+    honored = Choice(_is_key_mask, zeros(False, first_row), zeros(True, last_row))
+    return Choice(_is_honored_mask, honored, exact)
 
 
 def _monarch_for_site(q, k, v, mask, scale, seq_len, options, *, is_causal, enable_gqa):
