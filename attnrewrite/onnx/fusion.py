@@ -61,6 +61,17 @@ def _shape(value: ir.Value) -> tuple[int | str | None, ...]:
     return tuple(_dim(d) for d in value.shape)
 
 
+def _describe_mask(site: AttentionSite, mask: ir.Value | None) -> None:
+    """The site's mask kind and shape, from its mask input (None: no mask, or causal)."""
+    if mask is None:
+        site.mask = "causal" if site.is_causal else "none"
+        return
+    site.mask = "full"
+    if mask.shape is not None:
+        site.mask_shape = _shape(mask)
+        site.mask = "key" if len(mask.shape) < 2 or mask.shape[-2] == 1 else "full"
+
+
 class _MethodFunctionRule(pattern.RewriteRuleClassBase):
     """What every source pattern shares: judging a found site against the method, building the
     method's function for it, and reporting it, replaced or kept with the reason."""
@@ -88,12 +99,6 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
 
         site: with (B, H, S, d) shapes; layouts: of q, k, v as the function takes them."""
         result = pattern.MatchResult()
-        site.mask = "causal" if site.is_causal else "none"
-        if mask is not None:
-            site.mask = "full"
-            if mask.shape is not None:
-                site.mask_shape = _shape(mask)
-                site.mask = "key" if len(mask.shape) < 2 or mask.shape[-2] == 1 else "full"
         method = get_method(self.method)
         parsed = method.parse_options(self.options)
         reason = method.unsupported_reason(site, parsed)
@@ -179,12 +184,10 @@ class SoftmaxAttention(_MethodFunctionRule):
             scale = scale * factor if kind == "Mul" else scale / factor
         if any(v.shape is None or len(v.shape) != 4 for v in (query, key, value)):
             return result.fail("query, key and value must be rank-4 with known ranks")
-        key_layout = TensorLayout.of(key)
+        key_layout, key_shape = TensorLayout.of(key), _shape(key)
         if key_format == "BSHd":  # the function takes K as (B, H, S, d)
             key_layout = key_layout.permuted((0, 2, 1, 3))
-        key_shape = _shape(key)
-        if key_format == "BSHd":
-            key_shape = (key_shape[0], key_shape[2], key_shape[1], key_shape[3])
+            key_shape = tuple(key_shape[i] for i in (0, 2, 1, 3))
         site = AttentionSite(
             name=value.name or "attention",
             node=value.name or "",
@@ -195,6 +198,7 @@ class SoftmaxAttention(_MethodFunctionRule):
             v_shape=_shape(value),
             scale=scale,
         )
+        _describe_mask(site, mask)
         layouts = (TensorLayout.of(query), key_layout, TensorLayout.of(value))
         return self._judge(site, layouts, mask)
 
@@ -246,9 +250,7 @@ class _AttentionNode:
             is_causal=bool(attributes.get("is_causal", 0)),
             scale=attributes.get("scale"),
         )
-        if mask is not None:
-            site.mask = "full"
-            site.mask_shape = None if mask.shape is None else _shape(mask)
+        _describe_mask(site, mask)
         ranks = {None if v is None or v.shape is None else len(v.shape) for v in node.inputs[:3]}
         heads = (attributes.get("q_num_heads"), attributes.get("kv_num_heads"))
         if ranks == {4}:
