@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
+from ..methods.gqa import expand_gqa
 from ..methods.hsa.reference import hsa_attention_reference
 from ..methods.masks import is_causal_padding_mask, key_mask_terms, per_token, with_causal
 from ..methods.monarch.reference import default_block_size
@@ -31,14 +32,6 @@ def _rows_equal(mask: torch.Tensor) -> torch.Tensor:
     """Whether every query row of a (…, Nq, Nk) mask is the same (a key-padding mask), as a 0-d
     tensor the exported graph decides at run time."""
     return (mask == mask[..., :1, :]).all()
-
-
-def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool):
-    """q, k, v with grouped key/value heads repeated to the query heads."""
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    return q, k, v
 
 
 def _is_key_mask(*inputs: torch.Tensor) -> torch.Tensor:
@@ -68,7 +61,7 @@ def _key_masked(
 
     def approximation(causal: bool) -> Callable[..., torch.Tensor]:
         def body(q, k, v, mask=None):
-            q, k, v = _grouped(q, k, v, enable_gqa)
+            k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
             if mask is None:
                 return approximate(q, k, v, None, None, is_causal=causal)
             row = mask if mask.dim() < 2 else mask[..., -1:, :]  # the full row of a causal one
@@ -83,7 +76,7 @@ def _key_masked(
         return approximation(is_causal)
 
     def exact(q, k, v, mask):
-        q, k, v = _grouped(q, k, v, enable_gqa)
+        k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
         n = q.shape[-2]
         causal_mask = with_causal(mask, n, n) if is_causal else mask
         return F.scaled_dot_product_attention(q, k, v, causal_mask, scale=scale)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnsupportedInputError
+from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off
 from .reference import default_block_size
@@ -71,21 +72,6 @@ def _stage_ops(x: torch.Tensor) -> Iterator[StageOps]:
     yield kernels.TritonStageOps()
 
 
-def _expand_gqa(q: torch.Tensor, x: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-    """Repeat key/value heads for grouped-query attention, as SDPA's enable_gqa does."""
-    if not enable_gqa or x.dim() < 3 or x.shape[-3] == q.shape[-3]:
-        return x
-    return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
-
-
-def _reduce_gqa(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The adjoint of `_expand_gqa`: sum the gradients of the repeated heads."""
-    if grad.shape == like.shape:
-        return grad
-    heads = like.shape[-3]
-    return grad.unflatten(-3, (heads, grad.shape[-3] // heads)).sum(-3)
-
-
 def _check_arguments(
     q: torch.Tensor, k: torch.Tensor, block_size: int | None, num_steps: int, pad: str
 ) -> None:
@@ -110,7 +96,7 @@ class _Call:
         self, q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
     ) -> None:
         _check_arguments(q, k, block_size, num_steps, pad)
-        self.k, self.v = _expand_gqa(q, k, enable_gqa), _expand_gqa(q, v, enable_gqa)
+        self.k, self.v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
         *batch, n, d = q.shape
         self.batch, self.n = tuple(batch), n
         self.attn_mask, self.is_causal = attn_mask, is_causal
@@ -282,7 +268,7 @@ def monarch_attention_backward_op(
                 call.config.block_size,
             )
         dq, dk, dv = (g.reshape(x.shape) for g, x in zip(grads, (q, call.k, call.v), strict=True))
-    return dq.contiguous(), _reduce_gqa(dk, k).contiguous(), _reduce_gqa(dv, v).contiguous()
+    return dq.contiguous(), reduce_gqa(dk, k).contiguous(), reduce_gqa(dv, v).contiguous()
 
 
 @monarch_attention_backward_op.register_fake

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gqa import expand_gqa
 from ..masks import site_mask_terms, warn_exact_fallback
 from .op import use_triton_kernels, zeros_attention, zeros_attention_backward_op
 
@@ -225,9 +226,7 @@ class ZeroSAdapter(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ZeroS output before the output LayerNorm, exact flag); see zeros_site_attention_op."""
-        if self.enable_gqa and k.shape[-3] != q.shape[-3]:
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        k, v = expand_gqa(q, k, self.enable_gqa), expand_gqa(q, v, self.enable_gqa)
         if self.qk_rank:
             q = q + q @ self.qk_down[0] @ self.qk_up[0]
             k = k + k @ self.qk_down[1] @ self.qk_up[1]
