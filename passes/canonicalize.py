@@ -27,6 +27,7 @@ from .graph_utils import (
     tensor_meta,
     value_key,
 )
+from .unfuse import unfuse_attention_calls
 
 aten = torch.ops.aten
 
@@ -510,22 +511,29 @@ def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node
 
 
 FUSED_MHA_REASON = (
-    "not rewritten: nn.MultiheadAttention's fused forward is one opaque call in this graph "
-    "(torch.compile keeps F.multi_head_attention_forward whole); rewrite the model first with "
-    "attnrewrite.rewrite(model, example_inputs, method=...), which traces inside it, and "
-    "compile result.module"
+    "not rewritten: a fused attention call ({why}) stays one opaque call in this graph; "
+    "rewrite the model first with attnrewrite.rewrite(model, example_inputs, method=...), which "
+    "traces the module's own forward, and compile result.module"
 )
 
 
 def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Rewrite every provable attention region of `gm` into SDPA; report every candidate site.
 
-    Candidates are every softmax (attention or not) and every SDPA call already in the graph.
+    Candidates are every softmax (attention or not) and every SDPA call already in the graph;
+    fused attention calls (nn.MultiheadAttention and its kin, unfuse.py) are opened first, and
+    those that stay whole are reported as kept.
     """
+    kept_fused = unfuse_attention_calls(gm)
     sites: list[AttentionSite] = []
     erased: set[torch.fx.Node] = set()
     changed = False
     for node in list(gm.graph.nodes):
+        if node.name in kept_fused:
+            site = _site_for(node, "fused_mha")
+            site.keep(FUSED_MHA_REASON.format(why=kept_fused[node.name]))
+            sites.append(site)
+            continue
         if node in erased or node.op not in ("call_function", "call_method"):
             continue
         if sp.sdpa_arguments(node) is not None:
@@ -533,11 +541,6 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             refined = _refine_sdpa(node, gm)
             changed |= refined is not node
             describe_sdpa_site(site, refined)
-            sites.append(site)
-            continue
-        if sp.FUSED_MULTI_HEAD_ATTENTION.matches(node):
-            site = _site_for(node, "fused_mha")
-            site.keep(FUSED_MHA_REASON)
             sites.append(site)
             continue
         if sp.softmax_operands(node) is None:

@@ -71,14 +71,15 @@ REPEAT_INTERLEAVE = spelling(
     [torch.repeat_interleave, aten.repeat_interleave], ["repeat_interleave"]
 )
 SDPA = spelling([F.scaled_dot_product_attention, aten.scaled_dot_product_attention])
-# nn.MultiheadAttention's whole forward as one call: Dynamo keeps F.multi_head_attention_forward
-# in its graphs, and eval-mode fast paths call the fused native op.
-FUSED_MULTI_HEAD_ATTENTION = spelling(
-    [
-        F.multi_head_attention_forward,
-        torch._native_multi_head_attention,
-        aten._native_multi_head_attention,
-    ]
+# Attention inside one opaque call: Dynamo keeps nn.MultiheadAttention's forward as
+# F.multi_head_attention_forward, and the eval-mode fast paths of nn.MultiheadAttention and
+# nn.TransformerEncoderLayer call fused native ops (unfuse.py opens them).
+MULTI_HEAD_ATTENTION_FORWARD = spelling([F.multi_head_attention_forward])
+NATIVE_MULTI_HEAD_ATTENTION = spelling(
+    [torch._native_multi_head_attention, aten._native_multi_head_attention]
+)
+NATIVE_ENCODER_LAYER = spelling(
+    [torch._transformer_encoder_layer_fwd, aten._transformer_encoder_layer_fwd]
 )
 # Graph-only checks that read a value without using it; they go when the value goes.
 ASSERTION = spelling([aten._assert_tensor_metadata, aten._assert_scalar])

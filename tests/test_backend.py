@@ -121,30 +121,3 @@ def test_backend_accepts_policies():
         budget = attnrewrite.ErrorBudget(0.1, calibration=(q, k, v))
         options = {"method": "monarch", "inner": "eager", "policy": budget}
         torch.compile(Two(), backend="attnrewrite", options=options)(q, k, v)
-
-
-def test_multihead_attention_kept_whole_by_dynamo_is_reported_with_the_fix():
-    """Dynamo keeps nn.MultiheadAttention's forward as one call: the backend cannot look inside,
-    so it reports the site as kept and points to rewrite(), which traces inside and replaces it."""
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
-
-        def forward(self, x):
-            return self.attention(x, x, x, need_weights=False)[0]
-
-    torch.manual_seed(0)
-    model, x = Block().eval(), torch.randn(2, 40, 32)
-    torch._dynamo.reset()
-    attnrewrite.backend.reports.clear()
-    options = {"method": "monarch", "inner": "eager"}
-    with torch.no_grad():
-        got = torch.compile(model, backend="attnrewrite", options=options)(x)
-        torch.testing.assert_close(got, model(x))
-    (site,) = attnrewrite.backend.reports[-1].sites
-    assert (site.name, site.status) == ("attention", "kept")
-    assert "attnrewrite.rewrite(model" in site.reason
-    rewritten = attnrewrite.rewrite(model, (x,), method="monarch")
-    assert [s.status for s in rewritten.report.sites] == ["replaced"]
