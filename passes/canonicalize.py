@@ -525,9 +525,10 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     those that stay whole are reported as kept.
     """
     kept_fused = unfuse_attention_calls(gm)
+    # a dead user is no user: nn.MultiheadAttention computes weights that callers often drop
+    changed = gm.graph.eliminate_dead_code()
     sites: list[AttentionSite] = []
     erased: set[torch.fx.Node] = set()
-    changed = False
     for node in list(gm.graph.nodes):
         if node.name in kept_fused:
             site = _site_for(node, "fused_mha")

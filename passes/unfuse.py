@@ -160,7 +160,8 @@ _SUBMODULE = "attnrewrite_submodule"
 def unfuse_attention_calls(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Splice the composition of every fused attention call into `gm`, in place: the calls
     above, and (in `symbolic_trace` graphs, where torch.nn modules are leaves) every module call
-    with an nn.MultiheadAttention inside.
+    with an nn.MultiheadAttention inside. Outputs nobody uses (such as attention weights) are
+    left for dead-code elimination.
 
     Returns the calls left whole: node name → why.
     """
@@ -172,7 +173,6 @@ def unfuse_attention_calls(gm: torch.fx.GraphModule) -> dict[str, str]:
         except KeepFused as reason:
             kept[node.name] = str(reason)
     if changed:
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     return kept

@@ -266,6 +266,25 @@ def test_graph_without_attention_is_left_as_it_is():
     assert res.module.code == traced.code
 
 
+def test_multihead_attention_weights_dropped_by_the_caller_do_not_keep_the_site():
+    """`out, _ = mha(x, x, x)` (need_weights defaults to True): the unused weights are dead code,
+    not a second user of the probabilities."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4)  # sequence-first, as by default
+
+        def forward(self, x):
+            out, _ = self.mha(x, x, x)
+            return out
+
+    model, x = Block().eval(), torch.randn(10, 2, 16)
+    res = attnrewrite.rewrite(model, (x,), method="sdpa")
+    assert [s.status for s in res.report.sites] == ["replaced"]
+    torch.testing.assert_close(run(res.module, (x,)), run(model, (x,)))
+
+
 def test_multihead_attention_module_is_found_through_rewrite():
     mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
 
