@@ -108,7 +108,14 @@ def capture(
             from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
             mode = FakeTensorMode(allow_non_fake_inputs=True)  # buffers stay real tensors
-            FakeTensorProp(gm, mode).propagate(*example_inputs, *(example_kwargs or {}).values())
+            inputs = (*example_inputs, *(example_kwargs or {}).values())
+            try:
+                FakeTensorProp(gm, mode).propagate(*inputs)
+            except Exception as error:
+                raise AttnRewriteError(
+                    f"the GraphModule does not run on fake tensors ({type(error).__name__}: "
+                    f"{error}).{_data_dependence_hint(error)}"
+                ) from error
         return gm
     try:
         exported = torch.export.export(
@@ -119,12 +126,34 @@ def capture(
             strict=False,
         )
     except Exception as error:
-        raise AttnRewriteError(
-            f"torch.export could not capture the model ({type(error).__name__}: {error}). "
-            "Pass a torch.fx.GraphModule (e.g. from torch.fx.symbolic_trace), or compile with "
+        fix = _data_dependence_hint(error) or (
+            " Pass a torch.fx.GraphModule (e.g. from torch.fx.symbolic_trace), or compile with "
             "torch.compile(model, backend='attnrewrite'), which tolerates graph breaks."
+        )
+        raise AttnRewriteError(
+            f"torch.export could not capture the model ({type(error).__name__}: {error}).{fix}"
         ) from error
     return exported.module()
+
+
+def _data_dependence_hint(error: Exception) -> str:
+    """The usual cause of a data-dependent capture failure, and its fix."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    cause = error
+    while cause is not None and not isinstance(
+        cause, (DataDependentOutputException, GuardOnDataDependentSymNode)
+    ):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ""
+    return (
+        " The model branches on tensor values: nn.Transformer and its encoder and decoder do so "
+        "to find out whether a mask is causal, unless told; pass is_causal= (nn.Transformer: "
+        "src_is_causal= and tgt_is_causal=) with the mask. Under torch.compile, Dynamo skips "
+        "such modules entirely, so no graph reaches the attnrewrite backend either."
+    )
 
 
 def rewrite(

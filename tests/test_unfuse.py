@@ -215,3 +215,51 @@ def test_graph_without_fused_calls_is_untouched():
     code = traced.code
     assert unfuse_attention_calls(traced) == {}
     assert traced.code == code
+
+
+def test_transformer_with_causal_flags_is_rewritten_alike_by_both_paths():
+    """nn.Transformer checks a mask's values to detect causality unless told: with the flags,
+    rewrite() and torch.compile see the same three sites and compute the same function."""
+    torch.manual_seed(0)
+    model = nn.Transformer(E, HEADS, 1, 1, 64, batch_first=True).eval()
+    src, tgt = torch.randn(2, 30, E), torch.randn(2, 20, E)
+    flags = {
+        "tgt_mask": nn.Transformer.generate_square_subsequent_mask(20),
+        "tgt_is_causal": True,
+        "src_is_causal": False,
+    }
+    with torch.no_grad():
+        rewritten = attnrewrite.rewrite(model, (src, tgt), example_kwargs=flags, method="monarch")
+        torch._dynamo.reset()
+        attnrewrite.backend.reports.clear()
+        options = {"method": "monarch", "inner": "eager"}
+        got = torch.compile(model, backend="attnrewrite", options=options)(src, tgt, **flags)
+        torch.testing.assert_close(got, rewritten.module(src, tgt, **flags))
+    rows = [(s.name, s.status, s.mask) for s in rewritten.report.sites]
+    assert rows == [(s.name, s.status, s.mask) for s in attnrewrite.backend.reports[-1].sites]
+    assert rows == [
+        ("encoder.layers.0.self_attn", "replaced", "none"),
+        ("decoder.layers.0.self_attn", "replaced", "causal"),
+        ("decoder.layers.0.multihead_attn", "kept", "none"),  # cross-attention
+    ]
+
+
+def test_a_mask_checked_by_value_gets_the_flag_as_the_fix():
+    model = encoder()
+    x, mask = torch.randn(2, 30, E), nn.Transformer.generate_square_subsequent_mask(30)
+    with pytest.raises(attnrewrite.AttnRewriteError, match="pass is_causal="):
+        attnrewrite.rewrite(model, (x, mask), method="monarch")
+
+    class Caller(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model
+
+        def forward(self, x, mask):
+            return self.encoder(x, mask)
+
+    with pytest.raises(attnrewrite.AttnRewriteError, match="does not run on fake tensors"):
+        attnrewrite.rewrite(torch.fx.symbolic_trace(Caller()), (x, mask), method="monarch")
+    flag = {"is_causal": True}
+    res = attnrewrite.rewrite(model, (x, mask), example_kwargs=flag, method="monarch")
+    assert [(s.status, s.mask) for s in res.report.sites] == [("replaced", "causal")] * 2
