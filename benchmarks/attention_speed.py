@@ -10,6 +10,13 @@ on a GPU, and on the CPU the peak resident memory above the inputs, in a fresh p
     python benchmarks/attention_speed.py --device cuda   # fp16 and bf16, N = 256 … 64K
 
 Writes benchmarks/results/attention_speed_<device>.json and .png and prints a table.
+
+On Linux CPUs the allocator matters: glibc's malloc hands the large intermediates back to the
+OS after each call and page-faults them in again on the next (about 3,400 faults per call at
+N = 4K). Raising its trim and mmap thresholds, or preloading jemalloc/tcmalloc, avoids that:
+
+    export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+    python benchmarks/attention_speed.py --out benchmarks/results/attention_speed_cpu_malloc.json
 """
 
 from __future__ import annotations
@@ -228,6 +235,13 @@ def main() -> None:
         "heads": HEADS,
         "head_dim": HEAD_DIM,
         "batch": 1,
+        # glibc's malloc returns freed intermediates to the OS, and the next call page-faults
+        # them back in: allocator settings change CPU timings (README, Speed)
+        "allocator_environment": {
+            name: value
+            for name, value in os.environ.items()
+            if name.startswith(("MALLOC_", "LD_PRELOAD", "OMP_", "GOMP_", "KMP_"))
+        },
         "note": "timings are medians of interleaved rounds; other processes shared the machine"
         if args.device == "cpu"
         else "",
@@ -244,6 +258,7 @@ def main() -> None:
             f"{speedup:>8} {r['peak_bytes'] / 2**20:>9.1f}"
         )
     print(f"load average before/after: {load_before} / {conditions['load_average_after']}")
+    print(f"allocator environment: {conditions['allocator_environment'] or 'default'}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -16,7 +16,7 @@ from attnrewrite.methods.monarch import (
 )
 from attnrewrite.methods.monarch.op import monarch_attention_op
 from attnrewrite.methods.monarch.stages import MonarchConfig, monarch_backward, monarch_forward
-from attnrewrite.methods.monarch.torch_stages import TorchStageOps
+from attnrewrite.methods.monarch.torch_stages import TorchStageOps, Workspace
 
 
 def exact_attention(q, k, v, key_bias=None, scale=None, is_causal=False):
@@ -497,3 +497,38 @@ def test_threaded_fast_path_runs_under_autograd_on_long_sequences():
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_reused_buffers_never_leak_into_a_later_call():
+    """The CPU path keeps the latest call's intermediates (torch_stages.Workspace) so a later
+    call does not page-fault them in anew: results equal a fresh computation bit for bit, shapes
+    and masks may change from call to call, T = 1, 2 and causal included, and only one call's
+    buffers are held once the shapes repeat (at most two calls' after a change)."""
+    workspace = Workspace()
+    calls = [(3, 40, 6, 1, False), (3, 40, 6, 2, True), (2, 23, 5, 2, False), (3, 40, 6, 1, False)]
+    held = []
+    for groups, n, b, steps, causal in calls:
+        q, k, v = random_qkv(groups, n, 6)
+        bias = torch.zeros(groups, n).masked_fill(torch.rand(groups, n) < 0.2, -math.inf)
+        valid = ~torch.isneginf(bias)
+        config = MonarchConfig(0.3, b, steps, "post", causal)
+        fresh, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps())
+        reused, _ = monarch_forward(
+            q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace
+        )
+        assert torch.equal(reused, fresh)
+        held.append(workspace.nbytes)
+    assert held[1] > held[0] > 0 and held[3] > held[0]  # a shape change holds two calls' buffers
+    first, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace)
+    assert workspace.nbytes == held[0]  # the shapes repeated: one call's buffers, reused
+    again, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace)
+    assert workspace.nbytes == held[0]
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # outputs fresh
+
+
+def test_the_op_reuses_this_threads_buffers_on_cpu():
+    q, k, v = (x.view(1, 2, 64, 6) for x in random_qkv(2, 64, 6))
+    workspace = Workspace.of_this_thread()
+    monarch_attention_op(q, k, v, None, None, 8, 1)
+    assert workspace.nbytes > 0
+    assert Workspace.of_this_thread() is workspace

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .torch_stages import Workspace
 
 Tensor = torch.Tensor
 
@@ -154,10 +157,12 @@ class Layout:
         zero: bool = False,
     ) -> Tensor:
         """A blocked tensor [g, m, b(, width)] on like's device."""
-        tail = () if width is None else (width,)
         make = torch.zeros if zero else torch.empty
-        shape = (self.groups, self.m, self.b, *tail)
-        return make(shape, device=like.device, dtype=dtype or like.dtype)
+        return make(self.shape(width), device=like.device, dtype=dtype or like.dtype)
+
+    def shape(self, width: int | None = None) -> tuple[int, ...]:
+        tail = () if width is None else (width,)
+        return (self.groups, self.m, self.b, *tail)
 
     @staticmethod
     def by_block(x: Tensor) -> Tensor:
@@ -266,17 +271,30 @@ def monarch_forward(
     ops: StageOps,
     *,
     keep: bool = False,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, _Trace | None]:
     """MonarchAttention of q, k (g, N, d) and v (g, N, dv) through `ops`; the output has q's dtype.
 
     key_bias: (g, N) additive, −inf for masked keys; query_valid: (g, N) bool, False for queries
-    that leave the R-update. keep: also return what `monarch_backward` needs.
+    that leave the R-update. keep: also return what `monarch_backward` needs. workspace: where
+    the intermediates live when they are not kept (torch_stages.Workspace, the CPU path).
     """
     d = q.shape[-1]
     compute = ops.compute_dtype(q.dtype)
     stats = torch.promote_types(q.dtype, torch.float32)
     layout, qp, kp, vp, bias, valid = _inputs(q, k, v, key_bias, query_valid, config, compute)
-    by_slot, new = layout.by_slot, layout.new
+    by_slot = layout.by_slot
+    if keep:
+        workspace = None
+    if workspace is not None:
+        workspace.begin()
+
+    def new(like: Tensor, width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """An intermediate: from the workspace when there is one."""
+        if workspace is None:
+            return layout.new(like, width, dtype)
+        return workspace.take(layout.shape(width), dtype or like.dtype, like.device)
+
     scale, causal = config.scale, config.is_causal
     trace = _Trace(layout, qp, kp, vp, bias, valid, []) if keep else None
     width = vp.shape[-1]
@@ -313,7 +331,7 @@ def monarch_forward(
         lse_l = new(qp, dtype=stats) if y is None or keep else None
         record = _Step(q_eff, a_l, y, lse_r, bias_l, lse_l)
         if y is not None:
-            out = new(qp, width)
+            out = layout.new(qp, width)  # the result: never from the workspace
             ops.attend(
                 by_slot(qp),
                 by_slot(a_l),

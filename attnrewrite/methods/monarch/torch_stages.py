@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -176,6 +178,53 @@ def by_sequence(
 
     _share(groups, one, ops.threads)
     return tuple(torch.cat(parts) for parts in zip(*results, strict=True))
+
+
+class Workspace:
+    """Intermediate buffers of the CPU path, reused from one call to the next on one thread.
+
+    glibc's malloc hands large freed blocks back to the OS, so every call would page-fault its
+    intermediates in anew: about 3,400 faults a call at N = 4K, a fifth of its time on the
+    machine of benchmarks/results/ (compare attention_speed_cpu.json with the run under raised
+    MALLOC_TRIM_THRESHOLD_, attention_speed_cpu_malloc.json). A call keeps the buffers the
+    previous call took and drops the rest, so while shapes repeat one call's intermediates are
+    held (about 2·g·N·d values at T = 1), and after a change at most two calls'. The caller never
+    sees them: outputs are fresh tensors.
+    """
+
+    _threads = threading.local()
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, list[Tensor]] = {}
+        self._taken: Counter[tuple] = Counter()
+
+    @classmethod
+    def of_this_thread(cls) -> Workspace:
+        if not hasattr(cls._threads, "workspace"):
+            cls._threads.workspace = cls()
+        return cls._threads.workspace
+
+    def begin(self) -> None:
+        """A new call: keep only the buffers the previous call took."""
+        self._buffers = {
+            key: pool[: self._taken[key]] for key, pool in self._buffers.items() if self._taken[key]
+        }
+        self._taken.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """The memory held between calls."""
+        return sum(buffer.nbytes for pool in self._buffers.values() for buffer in pool)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized buffer, distinct from the others this call took."""
+        key = (shape, dtype, device)
+        pool = self._buffers.setdefault(key, [])
+        index = self._taken[key]
+        self._taken[key] += 1
+        if index == len(pool):
+            pool.append(torch.empty(shape, dtype=dtype, device=device))
+        return pool[index]
 
 
 class _Scores:
