@@ -547,6 +547,8 @@ def _precision(dtype: torch.dtype) -> str:
 class TritonStageOps:
     """`StageOps` (attnrewrite/methods/monarch/stages.py) on the two stage kernels."""
 
+    workspace = None  # CUDA's caching allocator already reuses intermediates
+
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton kernels take fp16, bf16 or fp32, got {dtype}")

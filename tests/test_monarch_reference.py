@@ -500,35 +500,44 @@ def test_threaded_fast_path_runs_under_autograd_on_long_sequences():
 
 
 def test_reused_buffers_never_leak_into_a_later_call():
-    """The CPU path keeps the latest call's intermediates (torch_stages.Workspace) so a later
-    call does not page-fault them in anew: results equal a fresh computation bit for bit, shapes
-    and masks may change from call to call, T = 1, 2 and causal included, and only one call's
-    buffers are held once the shapes repeat (at most two calls' after a change)."""
+    """The CPU path keeps intermediates from call to call (torch_stages.Workspace) so a later
+    call does not page-fault them in anew: results equal fresh buffers bit for bit while shapes,
+    masks, T and causality change from call to call (chunked, flat and in one piece), buffers
+    idle for two calls are dropped, and outputs are never a buffer."""
     workspace = Workspace()
     calls = [(3, 40, 6, 1, False), (3, 40, 6, 2, True), (2, 23, 5, 2, False), (3, 40, 6, 1, False)]
-    held = []
-    for groups, n, b, steps, causal in calls:
-        q, k, v = random_qkv(groups, n, 6)
-        bias = torch.zeros(groups, n).masked_fill(torch.rand(groups, n) < 0.2, -math.inf)
-        valid = ~torch.isneginf(bias)
-        config = MonarchConfig(0.3, b, steps, "post", causal)
-        fresh, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps())
-        reused, _ = monarch_forward(
-            q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace
-        )
-        assert torch.equal(reused, fresh)
-        held.append(workspace.nbytes)
-    assert held[1] > held[0] > 0 and held[3] > held[0]  # a shape change holds two calls' buffers
-    first, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace)
-    assert workspace.nbytes == held[0]  # the shapes repeated: one call's buffers, reused
-    again, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(), workspace=workspace)
-    assert workspace.nbytes == held[0]
-    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()  # outputs fresh
+    for chunk in (64, 1 << 17):
+        for groups, n, b, steps, causal in calls:
+            q, k, v = random_qkv(groups, n, 6)
+            bias = torch.zeros(groups, n).masked_fill(torch.rand(groups, n) < 0.2, -math.inf)
+            valid = ~torch.isneginf(bias)
+            config = MonarchConfig(0.3, b, steps, "post", causal)
+            fresh, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(1, chunk))
+            ops = TorchStageOps(chunk_elements=chunk, workspace=workspace)
+            reused, _ = monarch_forward(q, k, v, bias, valid, config, ops)
+            assert torch.equal(reused, fresh)
+            grad_out = torch.randn_like(fresh)
+            fresh_grads = monarch_backward(
+                grad_out, q, k, v, bias, valid, config, TorchStageOps(1, chunk)
+            )
+            ops = TorchStageOps(chunk_elements=chunk, workspace=workspace)
+            grads = monarch_backward(grad_out, q, k, v, bias, valid, config, ops)
+            assert all(map(torch.equal, grads, fresh_grads))
+    held = workspace.nbytes
+    for _ in range(3):  # the same call over and over: no buffer added
+        first, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(workspace=workspace))
+        assert workspace.nbytes <= held
+    again, _ = monarch_forward(q, k, v, bias, valid, config, TorchStageOps(workspace=workspace))
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()
+    single_call = workspace.nbytes
+    assert 0 < single_call < held  # the shapes of the earlier calls went after two idle calls
 
 
 def test_the_op_reuses_this_threads_buffers_on_cpu():
     q, k, v = (x.view(1, 2, 64, 6) for x in random_qkv(2, 64, 6))
     workspace = Workspace.of_this_thread()
+    for _ in range(3):  # (earlier tests' buffers go after two calls)
+        monarch_attention_op(q, k, v, None, None, 8, 1)
+    held = workspace.nbytes
     monarch_attention_op(q, k, v, None, None, 8, 1)
-    assert workspace.nbytes > 0
-    assert Workspace.of_this_thread() is workspace
+    assert workspace.nbytes == held > 0

@@ -28,7 +28,7 @@ from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off
 from .reference import default_block_size
 from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
-from .torch_stages import TorchStageOps, Workspace, by_sequence, parallel_stage_ops
+from .torch_stages import TorchStageOps, by_sequence, parallel_stage_ops
 
 BACKENDS = ("auto", "torch", "triton")
 _backend = "auto"
@@ -70,12 +70,6 @@ def _stage_ops(x: torch.Tensor) -> Iterator[StageOps]:
             "TRITON_INTERPRET=1 before attnrewrite.kernels.monarch is imported, or use CUDA tensors"
         )
     yield kernels.TritonStageOps()
-
-
-def _workspace(ops: StageOps) -> Workspace | None:
-    """This thread's reused intermediates on the CPU path (CUDA's caching allocator needs none:
-    see torch_stages.Workspace)."""
-    return Workspace.of_this_thread() if isinstance(ops, TorchStageOps) else None
 
 
 def _check_arguments(
@@ -209,13 +203,7 @@ def monarch_attention_op(
             (out,) = by_sequence(
                 ops,
                 lambda s, part_ops: monarch_forward(
-                    qf[s],
-                    kf[s],
-                    vf[s],
-                    *call.masks(s),
-                    call.config,
-                    part_ops,
-                    workspace=_workspace(part_ops),
+                    qf[s], kf[s], vf[s], *call.masks(s), call.config, part_ops
                 )[:1],
                 qf.shape[0],
                 call.n,

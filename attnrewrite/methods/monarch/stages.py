@@ -49,7 +49,12 @@ class StageOps(Protocol):
     """The two primitives a backend provides. Tensors are views [g, group, row|key, feature]
     (or [g, group, row|key] for per-row and per-key scalars); outputs are written into the
     given views. Within a group, with S = scale·q·keysᵀ + bias (key c hidden from row r when
-    c > r + causal) and an optional per-row sink logit, P = softmax over keys ∪ {sink}."""
+    c > r + causal) and an optional per-row sink logit, P = softmax over keys ∪ {sink}.
+
+    `workspace`: where intermediates that do not outlive the call live (torch_stages.Workspace),
+    or None for fresh tensors."""
+
+    workspace: Workspace | None
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype stage inputs are kept in (statistics are always at least fp32)."""
@@ -271,23 +276,19 @@ def monarch_forward(
     ops: StageOps,
     *,
     keep: bool = False,
-    workspace: Workspace | None = None,
 ) -> tuple[Tensor, _Trace | None]:
     """MonarchAttention of q, k (g, N, d) and v (g, N, dv) through `ops`; the output has q's dtype.
 
     key_bias: (g, N) additive, −inf for masked keys; query_valid: (g, N) bool, False for queries
-    that leave the R-update. keep: also return what `monarch_backward` needs. workspace: where
-    the intermediates live when they are not kept (torch_stages.Workspace, the CPU path).
+    that leave the R-update. keep: also return what `monarch_backward` needs (else the
+    intermediates come from the ops' workspace, if any).
     """
     d = q.shape[-1]
     compute = ops.compute_dtype(q.dtype)
     stats = torch.promote_types(q.dtype, torch.float32)
     layout, qp, kp, vp, bias, valid = _inputs(q, k, v, key_bias, query_valid, config, compute)
     by_slot = layout.by_slot
-    if keep:
-        workspace = None
-    if workspace is not None:
-        workspace.begin()
+    workspace = None if keep else ops.workspace
 
     def new(like: Tensor, width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """An intermediate: from the workspace when there is one."""

@@ -33,6 +33,62 @@ PARALLEL_MIN_ELEMENTS = 1 << 15
 Parts = Sequence[Tensor]
 
 
+class Workspace:
+    """Intermediate buffers of the CPU path, reused from one call to the next on one thread.
+
+    glibc's malloc hands large freed blocks back to the OS, so every call would page-fault its
+    intermediates in anew: about 3,400 faults a call at N = 4K, a fifth of its time on the
+    machine of benchmarks/results/ (README, Speed). Each op call is one `begin()`; a buffer no
+    call has taken for two calls is dropped, so what is held is what the last two calls used
+    (a forward and a backward in training; about 2·g·N·d values a forward at T = 1). The
+    caller never sees a buffer: outputs are fresh tensors.
+    """
+
+    _threads = threading.local()
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, list[Tensor]] = {}
+        self._last_call: dict[tuple, int] = {}
+        self._taken: Counter[tuple] = Counter()
+        self._call = 0
+
+    @classmethod
+    def of_this_thread(cls) -> Workspace:
+        if not hasattr(cls._threads, "workspace"):
+            cls._threads.workspace = cls()
+        return cls._threads.workspace
+
+    def begin(self) -> None:
+        """A new call: buffers are free again; those idle for two calls go."""
+        self._call += 1
+        for key in [key for key, call in self._last_call.items() if call < self._call - 2]:
+            del self._buffers[key], self._last_call[key]
+        self._taken.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """The memory held between calls."""
+        return sum(buffer.nbytes for pool in self._buffers.values() for buffer in pool)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized buffer, distinct from the others this call took."""
+        key = (shape, dtype, device)
+        pool = self._buffers.setdefault(key, [])
+        index = self._taken[key]
+        self._taken[key] += 1
+        self._last_call[key] = self._call
+        if index == len(pool):
+            pool.append(torch.empty(shape, dtype=dtype, device=device))
+        return pool[index]
+
+
+def _fresh(shape: tuple[int, ...], like: Tensor, workspace: Workspace | None) -> Tensor:
+    """A buffer shaped `shape` with like's dtype and device, from the workspace if any."""
+    if workspace is None:
+        return like.new_empty(shape)
+    return workspace.take(shape, like.dtype, like.device)
+
+
 class _Chunks:
     """Splits a stage's [g, group, ...] views into cache-sized chunks.
 
@@ -50,8 +106,10 @@ class _Chunks:
         cols: int,
         threads: int,
         chunk_elements: int | None,
+        workspace: Workspace | None = None,
     ) -> None:
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self.workspace = workspace
         self.whole = chunk_elements is None
         if chunk_elements is None:
             self.threads, self.flat, self.count = 1, True, 1
@@ -72,8 +130,17 @@ class _Chunks:
         if self.whole:
             return [x.reshape(-1, *x.shape[2:])]
         if self.flat:
-            return x.reshape(-1, *x.shape[2:]).split(self.step)
+            return self._flattened(x).split(self.step)
         return [part for sequence in x.unbind() for part in sequence.split(self.step)]
+
+    def _flattened(self, x: Tensor) -> Tensor:
+        """x as [g·group, ...]: a view, or a copy (by-slot views)."""
+        try:
+            return x.view(-1, *x.shape[2:])
+        except RuntimeError:
+            copy = _fresh((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
+            copy.view(x.shape).copy_(x)
+            return copy
 
     def output(self, x: Tensor) -> Parts:
         """The chunks that results for the view `x` go to: views of x, or of flat scratch that
@@ -86,7 +153,7 @@ class _Chunks:
                 return x.view(-1, *x.shape[2:]).split(self.step)
             except RuntimeError:
                 pass
-        scratch = x.new_empty(x.shape[0] * x.shape[1], *x.shape[2:])
+        scratch = _fresh((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
         self._pending.append((x, scratch))
         return [scratch] if self.whole else scratch.split(self.step)
 
@@ -137,7 +204,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def parallel_stage_ops() -> Iterator[TorchStageOps]:
     """`TorchStageOps` that spread chunks over torch.get_num_threads() threads, each running
     whole chunks with single-threaded ops (they release the GIL); intra-op threads are 1 until
-    the block ends, for the glue between stages too.
+    the block ends, for the glue between stages too. One op call: intermediates come from this
+    thread's `Workspace`.
 
     Why: one join per stage instead of a parallel region per small op. A region stalls whenever
     a thread is descheduled; on the shared 2-core machine of benchmarks/results/ per-op
@@ -146,7 +214,7 @@ def parallel_stage_ops() -> Iterator[TorchStageOps]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield TorchStageOps(threads)
+        yield TorchStageOps(threads, workspace=Workspace.of_this_thread())
     finally:
         torch.set_num_threads(threads)
 
@@ -174,57 +242,11 @@ def by_sequence(
     results: list[tuple[Tensor, ...]] = [() for _ in range(groups)]
 
     def one(i: int) -> None:
-        results[i] = run(slice(i, i + 1), TorchStageOps())
+        workspace = None if ops.workspace is None else Workspace.of_this_thread()
+        results[i] = run(slice(i, i + 1), TorchStageOps(workspace=workspace))
 
     _share(groups, one, ops.threads)
     return tuple(torch.cat(parts) for parts in zip(*results, strict=True))
-
-
-class Workspace:
-    """Intermediate buffers of the CPU path, reused from one call to the next on one thread.
-
-    glibc's malloc hands large freed blocks back to the OS, so every call would page-fault its
-    intermediates in anew: about 3,400 faults a call at N = 4K, a fifth of its time on the
-    machine of benchmarks/results/ (compare attention_speed_cpu.json with the run under raised
-    MALLOC_TRIM_THRESHOLD_, attention_speed_cpu_malloc.json). A call keeps the buffers the
-    previous call took and drops the rest, so while shapes repeat one call's intermediates are
-    held (about 2·g·N·d values at T = 1), and after a change at most two calls'. The caller never
-    sees them: outputs are fresh tensors.
-    """
-
-    _threads = threading.local()
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, list[Tensor]] = {}
-        self._taken: Counter[tuple] = Counter()
-
-    @classmethod
-    def of_this_thread(cls) -> Workspace:
-        if not hasattr(cls._threads, "workspace"):
-            cls._threads.workspace = cls()
-        return cls._threads.workspace
-
-    def begin(self) -> None:
-        """A new call: keep only the buffers the previous call took."""
-        self._buffers = {
-            key: pool[: self._taken[key]] for key, pool in self._buffers.items() if self._taken[key]
-        }
-        self._taken.clear()
-
-    @property
-    def nbytes(self) -> int:
-        """The memory held between calls."""
-        return sum(buffer.nbytes for pool in self._buffers.values() for buffer in pool)
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialized buffer, distinct from the others this call took."""
-        key = (shape, dtype, device)
-        pool = self._buffers.setdefault(key, [])
-        index = self._taken[key]
-        self._taken[key] += 1
-        if index == len(pool):
-            pool.append(torch.empty(shape, dtype=dtype, device=device))
-        return pool[index]
 
 
 class _Scores:
@@ -237,12 +259,13 @@ class _Scores:
         bias: Tensor | None,
         scale: float,
         causal: int | None,
-        threads: int,
-        chunk_elements: int | None,
+        ops: TorchStageOps,
     ) -> None:
         groups, n_groups, rows = q.shape[:3]
         cols = keys.shape[2]
-        self.chunks = _Chunks(groups, n_groups, rows, cols, threads, chunk_elements)
+        self.chunks = _Chunks(
+            groups, n_groups, rows, cols, ops.threads, ops.chunk_elements, ops.workspace
+        )
         self.q, self.keys = self.chunks.split(q), self.chunks.split(keys)
         self.bias = None if bias is None else self.chunks.split(bias.unsqueeze(-2))
         self.scale = scale
@@ -289,11 +312,20 @@ class TorchStageOps:
 
     chunk_elements=None computes each stage in one piece, with no size arithmetic: the form the
     ONNX functions export (onnx/lowerings.py), so a deployed graph runs the op's own stages.
+    workspace: where intermediates live (the op's eager calls; creating the ops begins a call).
     """
 
-    def __init__(self, threads: int = 1, chunk_elements: int | None = CHUNK_ELEMENTS) -> None:
+    def __init__(
+        self,
+        threads: int = 1,
+        chunk_elements: int | None = CHUNK_ELEMENTS,
+        workspace: Workspace | None = None,
+    ) -> None:
         self.threads = threads
         self.chunk_elements = chunk_elements
+        self.workspace = workspace
+        if workspace is not None:
+            workspace.begin()
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.promote_types(dtype, torch.float32)
@@ -316,7 +348,7 @@ class TorchStageOps:
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
     ) -> None:
-        scores_of = _Scores(q, keys, bias, scale, causal, self.threads, self.chunk_elements)
+        scores_of = _Scores(q, keys, bias, scale, causal, self)
         chunks = scores_of.chunks
         values_c, sink_logit_c = _split(chunks, values), _split(chunks, sink_logit)
         sink_value_c, transposed_c = _split(chunks, sink_value), _split(chunks, transposed)
@@ -372,7 +404,7 @@ class TorchStageOps:
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
     ) -> None:
-        scores_of = _Scores(q, keys, bias, scale, causal, self.threads, self.chunk_elements)
+        scores_of = _Scores(q, keys, bias, scale, causal, self)
         chunks = scores_of.chunks
         values_c, lse_c = chunks.split(values), chunks.split(lse.unsqueeze(-1))
         d_out_c, delta_c = chunks.split(d_out), chunks.split(delta.unsqueeze(-1))
