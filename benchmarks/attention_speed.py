@@ -11,9 +11,10 @@ on a GPU, and on the CPU the peak resident memory above the inputs, in a fresh p
 
 Writes benchmarks/results/attention_speed_<device>.json and .png and prints a table.
 
-On Linux CPUs the allocator matters: glibc's malloc hands the large intermediates back to the
-OS after each call and page-faults them in again on the next (about 3,400 faults per call at
-N = 4K). Raising its trim and mmap thresholds, or preloading jemalloc/tcmalloc, avoids that:
+On Linux CPUs the allocator matters: glibc's malloc hands large freed blocks back to the OS,
+and the next call page-faults fresh ones in. The CPU path keeps its intermediates from call to
+call (torch_stages.Workspace); its outputs are fresh. To measure with glibc's thresholds raised
+(as preloading jemalloc or tcmalloc would also do):
 
     export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
     python benchmarks/attention_speed.py --out benchmarks/results/attention_speed_cpu_malloc.json
@@ -235,7 +236,7 @@ def main() -> None:
         "heads": HEADS,
         "head_dim": HEAD_DIM,
         "batch": 1,
-        # glibc's malloc returns freed intermediates to the OS, and the next call page-faults
+        # glibc's malloc returns large freed blocks to the OS and the next call page-faults
         # them back in: allocator settings change CPU timings (README, Speed)
         "allocator_environment": {
             name: value
