@@ -178,14 +178,6 @@ def unfuse_attention_calls(gm: torch.fx.GraphModule) -> dict[str, str]:
     return kept
 
 
-def attention_module_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """A call of a leaf module with multi-head attention inside (symbolic_trace graphs)."""
-    if node.op != "call_module":
-        return False
-    module = gm.get_submodule(node.target)
-    return any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules())
-
-
 def _open(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Splice `node`'s composition if it is a fused attention call; False if it is not one."""
     composition = next((c for c in _COMPOSITIONS if c.spelling.matches(node)), None)
@@ -197,22 +189,22 @@ def _open(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
             raise KeepFused("its attention weights are used")
         _splice(gm, node, composition.function, {}, composition.attention_module)
         return True
-    if attention_module_call(gm, node):
-        module = gm.get_submodule(node.target)
-        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    attention = {
+        m: name for name, m in module.named_modules() if isinstance(m, torch.nn.MultiheadAttention)
+    }
+    if not attention:
+        return False
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            named = dict(zip(state, args[len(args) - len(state) :], strict=True))
-            return functional_call(module, named, args[: len(args) - len(state)], kwargs)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        inputs, tensors = args[: len(args) - len(state)], args[len(args) - len(state) :]
+        return functional_call(module, dict(zip(state, tensors, strict=True)), inputs, kwargs)
 
-        attention = {m: name for name, m in module.named_modules() if _is_attention(m)}
-        _splice(gm, node, call, state, None, attention)
-        return True
-    return False
-
-
-def _is_attention(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.MultiheadAttention)
+    _splice(gm, node, call, state, None, attention)
+    return True
 
 
 def _splice(
@@ -274,14 +266,15 @@ def _tagging(attention: dict[torch.nn.Module, str]) -> Iterator[None]:
     def graph() -> torch.fx.Graph:
         return get_proxy_mode().tracer.graph
 
+    seen: dict[torch.nn.Module, set[torch.fx.Node]] = {}
+
     def before(module: torch.nn.Module, _args: Any) -> None:
-        module._attnrewrite_seen = set(graph().nodes)
+        seen[module] = set(graph().nodes)
 
     def after(module: torch.nn.Module, _args: Any, _out: Any) -> None:
         for new in graph().nodes:
-            if new not in module._attnrewrite_seen:
+            if new not in seen[module]:
                 new.meta.setdefault(_SUBMODULE, attention[module])
-        del module._attnrewrite_seen
 
     handles = [m.register_forward_pre_hook(before) for m in attention]
     handles += [m.register_forward_hook(after) for m in attention]
@@ -316,4 +309,4 @@ def _adopt(
             new.meta[key] = new.meta["val"]
 
 
-__all__ = ["KeepFused", "attention_module_call", "unfuse_attention_calls"]
+__all__ = ["unfuse_attention_calls"]
