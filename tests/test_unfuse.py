@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnrewrite.passes.unfuse import unfuse_attention_calls
+from nn_zoo import NN_ZOO
 from torch import nn
 
 import attnrewrite
@@ -263,3 +264,20 @@ def test_a_mask_checked_by_value_gets_the_flag_as_the_fix():
     flag = {"is_causal": True}
     res = attnrewrite.rewrite(model, (x, mask), example_kwargs=flag, method="monarch")
     assert [(s.status, s.mask) for s in res.report.sites] == [("replaced", "causal")] * 2
+
+
+@pytest.mark.parametrize("entry", NN_ZOO, ids=lambda e: e.name)
+def test_torch_nn_attention_is_found_by_every_front_door(entry):
+    """rewrite() (torch.export), a symbolic_trace GraphModule (leaf modules) and torch.compile
+    (with grad, and under no_grad, where eval fast paths run) find every attention layer; the
+    canonical form computes the model's function."""
+    model, args = entry.build(), entry.inputs()
+    expected = model(*args)  # grad enabled: no fast path, the modules' own composition
+    for captured in (model, torch.fx.symbolic_trace(model)):
+        res = attnrewrite.rewrite(captured, args, method="sdpa")
+        assert [s.status for s in res.report.sites] == ["replaced"] * entry.attention_layers
+        torch.testing.assert_close(res.module(*args), expected, atol=1e-5, rtol=1e-5)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            _, report = compiled(model, args, "sdpa")
+        assert [s.status for s in report.sites] == ["replaced"] * entry.attention_layers
