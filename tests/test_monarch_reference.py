@@ -13,6 +13,7 @@ import attnrewrite
 from attnrewrite.methods.monarch import (
     default_block_size,
     monarch_attention_reference,
+    torch_stages,
 )
 from attnrewrite.methods.monarch.op import monarch_attention_op
 from attnrewrite.methods.monarch.stages import MonarchConfig, monarch_backward, monarch_forward
@@ -541,3 +542,22 @@ def test_the_op_reuses_this_threads_buffers_on_cpu():
     held = workspace.nbytes
     monarch_attention_op(q, k, v, None, None, 8, 1)
     assert workspace.nbytes == held > 0
+
+
+def test_chunks_are_sized_by_the_l2_cache(tmp_path):
+    """A chunk's fp32 scores fill one core's L2 (read from Linux sysfs), within 2^15 … 2^20."""
+    for index, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", "480M")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert torch_stages._l2_cache_bytes(tmp_path) == 2 << 20
+    assert torch_stages._l2_cache_bytes(tmp_path / "missing") is None
+    sizes = {
+        None: 1 << 17,
+        1_310_720: 1 << 18,
+        2 << 20: 1 << 19,
+        64 << 10: 1 << 15,
+        1 << 30: 1 << 20,
+    }
+    for l2, elements in sizes.items():
+        assert torch_stages._chunk_elements(l2) == elements

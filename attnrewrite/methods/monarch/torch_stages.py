@@ -19,14 +19,42 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from .stages import StageOps, Tensor
 
-# Score elements per chunk and thread: 2^17 fp32 = 512 KiB, well inside a 1.25 MiB per-core L2
-# (the 2-core machine of benchmarks/results/); larger chunks spill, smaller ones pay dispatch.
-CHUNK_ELEMENTS = 1 << 17
+
+def _l2_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """One core's L2 cache (Linux sysfs), or None where it cannot be read."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    for index in sorted(caches.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip()
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _chunk_elements(l2_bytes: int | None) -> int:
+    """Score elements per chunk and thread: the largest power of two whose fp32 scores fit one
+    core's L2 cache (2^17 where its size is unknown). Measured with an SDPA call before each
+    Monarch call, as in benchmarks/attention_speed.py: on the 2 MiB L2 of benchmarks/results/,
+    2^19 runs N = 4K in 23.9 ms and 8K in 55.6 (2^18: 24.2, 66.6; 2^17: 25.2, 69.4); on the
+    1.25 MiB L2 of earlier sessions, 2^17 and 2^18 ran alike and 2^16 paid dispatch."""
+    if not l2_bytes:
+        return 1 << 17
+    return 1 << max(15, min(20, (l2_bytes // 4).bit_length() - 1))
+
+
+CHUNK_ELEMENTS = _chunk_elements(_l2_cache_bytes())
+# Sequences whose whole stage has at most this many score elements are flattened, chunks
+# spanning sequences (their by-slot views copied: cheap at these sizes).
+FLAT_ELEMENTS = 1 << 17
 # Stages with fewer score elements than twice this run on one thread (PyTorch's own grain size).
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
@@ -118,7 +146,7 @@ class _Chunks:
         total = groups * n_groups
         self.threads = threads if total * per_group >= 2 * PARALLEL_MIN_ELEMENTS else 1
         self.step = max(1, chunk_elements // per_group)
-        self.flat = n_groups * per_group <= chunk_elements
+        self.flat = n_groups * per_group <= min(chunk_elements, FLAT_ELEMENTS)
         if self.flat:
             self.step = min(self.step, math.ceil(total / self.threads))  # a chunk for every thread
             self.count = math.ceil(total / self.step)
