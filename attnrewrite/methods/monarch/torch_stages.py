@@ -106,7 +106,9 @@ class Workspace:
         self._taken[key] += 1
         self._last_call[key] = self._call
         if index == len(pool):
-            pool.append(torch.empty(shape, dtype=dtype, device=device))
+            # a normal tensor even under inference_mode: a later call outside it writes it
+            with torch.inference_mode(False):
+                pool.append(torch.empty(shape, dtype=dtype, device=device))
         return pool[index]
 
 
@@ -205,7 +207,10 @@ def _share(count: int, work: Callable[[int], None], threads: int) -> None:
         for i in pending:
             work(i)
 
-    helpers = [_pool(threads - 1).submit(_single_threaded, share) for _ in range(threads - 1)]
+    inference = torch.is_inference_mode_enabled()
+    helpers = [
+        _pool(threads - 1).submit(_single_threaded, share, inference) for _ in range(threads - 1)
+    ]
     share()
     for done in helpers:
         done.result()
@@ -214,11 +219,14 @@ def _share(count: int, work: Callable[[int], None], threads: int) -> None:
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _single_threaded(fn: Callable[[], None]) -> None:
-    """fn() on a pool thread: single-threaded ops, and no autograd (grad mode is per thread, and
-    the stages never need it: an op's forward with inputs that require grad must not record)."""
+def _single_threaded(fn: Callable[[], None], inference: bool) -> None:
+    """fn() on a pool thread: single-threaded ops, no autograd (grad mode is per thread, and
+    the stages never need it: an op's forward with inputs that require grad must not record),
+    and the caller's inference mode, also per thread (tensors the caller made under
+    torch.inference_mode can only be written under it)."""
     torch.set_num_threads(1)
-    with torch.no_grad():
+    # in this order: inference_mode(False) turns grad mode back on
+    with torch.inference_mode(inference), torch.no_grad():
         fn()
 
 
