@@ -208,3 +208,71 @@ def test_onnxruntime_fused_attention_is_reported_as_kept(tmp_path):
     rng = np.random.default_rng(0)
     feed = {n: rng.standard_normal(shape, dtype=np.float32) for n in "qkv"}
     np.testing.assert_array_equal(run(out, feed)[0], run(plain, feed)[0])
+
+
+def _softmax_attention_nodes(q: str, k: str, v: str, out: str) -> list[onnx.NodeProto]:
+    """softmax(q·kᵀ / 4)·v, spelled as exporters write it."""
+    return [
+        helper.make_node("Transpose", [k], [f"{out}_kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", [q, f"{out}_kt"], [f"{out}_s"]),
+        helper.make_node("Constant", [], [f"{out}_c"], value=helper.make_tensor("c", 1, [], [4.0])),
+        helper.make_node("Div", [f"{out}_s", f"{out}_c"], [f"{out}_sd"]),
+        helper.make_node("Softmax", [f"{out}_sd"], [f"{out}_p"], axis=-1),
+        helper.make_node("MatMul", [f"{out}_p", v], [out]),
+    ]
+
+
+SHAPE = [1, 2, 64, 16]
+
+
+def _model(nodes, functions=(), inputs="qkv") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT if n != "c" else TensorProto.BOOL,
+                                       SHAPE if n != "c" else []) for n in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+
+
+def test_attention_inside_a_model_local_function_is_found(tmp_path):
+    """Local functions are inlined first (there, attention has no shapes to check): before,
+    the site was passed over with no report at all. An earlier rewrite's own functions stay."""
+    function = helper.make_function(
+        "local", "Attend", ["q", "k", "v"], ["y"], _softmax_attention_nodes("q", "k", "v", "y"),
+        [helper.make_opsetid("", 18)],
+    )  # fmt: skip
+    call = helper.make_node("Attend", ["q", "k", "v"], ["y"], domain="local")
+    plain, out, again = tmp_path / "plain.onnx", tmp_path / "out.onnx", tmp_path / "again.onnx"
+    onnx.save(_model([call], [function]), plain)
+    report = rewrite_onnx(plain, out, method="monarch", block_size=8)
+    assert [s.status for s in report.sites] == ["replaced"]
+    feed = {
+        n: np.random.default_rng(i).standard_normal(SHAPE, np.float32) for i, n in enumerate("qkv")
+    }
+    q, k, v = (torch.from_numpy(feed[n]) for n in "qkv")
+    expected = monarch_attention_op(q, k, v, None, 0.25, 8, 2)
+    np.testing.assert_allclose(run(out, feed)[0], expected.numpy(), atol=1e-5)
+    assert rewrite_onnx(out, again, method="monarch", block_size=8).sites == []
+    assert [f.domain for f in onnx.load(again).functions] == [DOMAIN]
+    np.testing.assert_allclose(run(again, feed)[0], expected.numpy(), atol=1e-5)
+
+
+def test_attention_inside_a_subgraph_is_reported(tmp_path):
+    """An If branch's attention is kept, with the reason, never passed over silently."""
+    branch = helper.make_graph(
+        _softmax_attention_nodes("q", "k", "v", "inner"), "then", [],
+        [helper.make_tensor_value_info("inner", TensorProto.FLOAT, SHAPE)],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["v"], ["other"])], "else", [],
+        [helper.make_tensor_value_info("other", TensorProto.FLOAT, SHAPE)],
+    )  # fmt: skip
+    branching = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)
+    plain, out = tmp_path / "plain.onnx", tmp_path / "out.onnx"
+    onnx.save(_model([branching], inputs="qkvc"), plain)
+    report = rewrite_onnx(plain, out, method="monarch", block_size=8)
+    (site,) = report.sites
+    assert site.status == "kept" and "control-flow node" in site.reason

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx_ir as ir
+import onnx_ir.traversal
 from onnx import version_converter
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
@@ -334,7 +336,9 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
 
     Returns a report like `rewrite()`'s: every matched site replaced or kept with the reason.
     A model older than opset 18 is converted up to it first (onnx's version converter), as the
-    functions need. The result is checked with `onnx.checker.check_model(full_check=True)`.
+    functions need, and its model-local functions are inlined (but those of earlier rewrites),
+    so attention inside them is found. The result is checked with
+    `onnx.checker.check_model(full_check=True)`.
     """
     get_method(method).parse_options(options)
     if method not in METHOD_SPECS:
@@ -342,7 +346,8 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
             f"method {method!r} has no ONNX function; ONNX rewriting supports "
             f"{', '.join(sorted(METHOD_SPECS))}"
         )
-    model = ir.from_proto(_at_least_min_opset(onnx.load(str(src))))  # with its external data
+    loaded = _inline_local_functions(_at_least_min_opset(onnx.load(str(src))))  # external data too
+    model = ir.from_proto(loaded)
     report = Report(method=method)
     specs: dict[str, FunctionSpec] = {}
     rules = [kind(method, options, report, specs) for kind in (SoftmaxAttention, AttentionOp)]
@@ -354,6 +359,16 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
     onnx.save(proto, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return report
+
+
+def _inline_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its local functions inlined, as onnxruntime inlines them, except this
+    package's own (an earlier rewrite's methods): inside a function, attention has no shapes to
+    check, and would be passed over."""
+    if all(function.domain == DOMAIN for function in model.functions):
+        return model
+    ours = [(f.domain, f.name) for f in model.functions if f.domain == DOMAIN]
+    return onnx.inliner.inline_selected_functions(model, ours, exclude=True)
 
 
 def _at_least_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -412,8 +427,13 @@ def _report_untaken(model: ir.Model, report: Report) -> None:
     """Report as kept every attention op that no rule matched (nor reported while matching), so
     that nothing is passed over silently."""
     reported = {site.node for site in report.sites}
-    for node in model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # If/Loop/Scan bodies too
         site = None if node.outputs[0].name in reported else _untaken_site(node)
+        if site is not None and node.graph is not model.graph:
+            site.keep(
+                f"not rewritten: inside the body {node.graph.name!r} of a control-flow node "
+                "(If, Loop, Scan), which the rules do not enter"
+            )
         if site is not None:
             report.sites.append(site)
 
