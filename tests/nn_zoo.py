@@ -31,9 +31,10 @@ def _tokens(seq: int = SEQ, batch_first: bool = True) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-def _padding() -> torch.Tensor:
-    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)
-    padding[1, SEQ - 5 :] = True  # True = ignore, as torch.nn takes it
+def padding_mask(batch: int = BATCH, n: int = SEQ) -> torch.Tensor:
+    """The second sequence's last keys masked (True = ignore, as torch.nn takes it)."""
+    padding = torch.zeros(batch, n, dtype=torch.bool)
+    padding[1, n - n // 4 :] = True
     return padding
 
 
@@ -54,7 +55,7 @@ class PaddedAttention(nn.Module):
         super().__init__()
         self.attention = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
 
-    def forward(self, x, padding):
+    def forward(self, x, padding=None):
         return self.attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
@@ -108,10 +109,12 @@ NN_ZOO: list[NNEntry] = [
     NNEntry(
         "MultiheadAttention, batch-first, key padding",
         _built(PaddedAttention),
-        lambda: (_tokens(), _padding()),
+        lambda: (_tokens(), padding_mask()),
         1,
     ),
-    NNEntry("TransformerEncoder, key padding", _built(Encoder), lambda: (_tokens(), _padding()), 2),
+    NNEntry(
+        "TransformerEncoder, key padding", _built(Encoder), lambda: (_tokens(), padding_mask()), 2
+    ),
     NNEntry(
         "TransformerDecoderLayer (self + cross)",
         _built(DecoderLayer),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnrewrite.passes.unfuse import unfuse_attention_calls
-from nn_zoo import NN_ZOO
+from nn_zoo import NN_ZOO, PaddedAttention, padding_mask
 from torch import nn
 
 import attnrewrite
@@ -24,21 +24,6 @@ def compiled(model, args, method, inner="eager", dynamic=None):
     options = {"method": method, "inner": inner}
     out = torch.compile(model, backend="attnrewrite", options=options, dynamic=dynamic)(*args)
     return out, attnrewrite.backend.reports[-1]
-
-
-def padding_mask(batch: int = 2, n: int = 40) -> torch.Tensor:
-    mask = torch.zeros(batch, n, dtype=torch.bool)
-    mask[1, n - 9 :] = True  # True = ignore, as nn.MultiheadAttention takes it
-    return mask
-
-
-class SelfAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attention = nn.MultiheadAttention(E, HEADS, batch_first=True)
-
-    def forward(self, x, padding=None):
-        return self.attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
 def encoder(norm_first: bool = False, activation: str = "relu") -> nn.Module:
@@ -59,8 +44,8 @@ def encoder(norm_first: bool = False, activation: str = "relu") -> nn.Module:
 @pytest.mark.parametrize("masked", [False, True])
 def test_multihead_attention_under_torch_compile_is_replaced(grad, masked):
     torch.manual_seed(0)
-    model, x = SelfAttention().eval(), torch.randn(2, 40, E)
-    args = (x, padding_mask()) if masked else (x,)
+    model, x = PaddedAttention().eval(), torch.randn(2, 40, E)
+    args = (x, padding_mask(2, 40)) if masked else (x,)
     with torch.set_grad_enabled(grad):
         exact, report = compiled(model, args, "sdpa")
         torch.testing.assert_close(exact, model(*args), atol=1e-5, rtol=1e-5)
@@ -82,7 +67,7 @@ def test_transformer_encoder_fast_path_is_opened(norm_first, activation):
     """Under no_grad, eval nn.TransformerEncoderLayer calls torch._transformer_encoder_layer_fwd
     (before: 0 sites, silently); its composition gives the layer's output."""
     torch.manual_seed(0)
-    model, x, padding = encoder(norm_first, activation), torch.randn(2, 40, E), padding_mask()
+    model, x, padding = encoder(norm_first, activation), torch.randn(2, 40, E), padding_mask(2, 40)
     with torch.no_grad():  # (a src mask graph-breaks in Dynamo; test_native_... covers masks)
         for args in [(x,), (x, None, padding)]:
             torch._dynamo.reset()
@@ -135,7 +120,7 @@ class NativeAttention(nn.Module):
 
 
 def native_mask(mask_type, dtype):
-    n, masked = 40, padding_mask()
+    n, masked = 40, padding_mask(2, 40)
     if mask_type == 0:
         masked = torch.ones(n, n, dtype=torch.bool).triu(1)
     elif mask_type == 2:
@@ -162,8 +147,8 @@ def test_used_fast_path_weights_keep_the_call_with_the_reason():
     torch.manual_seed(0)
     model, x = NativeAttention(1, use_weights=True).eval(), torch.randn(2, 40, E)
     with torch.no_grad():
-        got, report = compiled(model, (x, padding_mask()), "monarch")
-        torch.testing.assert_close(got, model(x, padding_mask()))
+        got, report = compiled(model, (x, padding_mask(2, 40)), "monarch")
+        torch.testing.assert_close(got, model(x, padding_mask(2, 40)))
     (site,) = report.sites
     assert (site.spelling, site.status) == ("fused_mha", "kept")
     assert "attention weights are used" in site.reason and "attnrewrite.rewrite(" in site.reason
