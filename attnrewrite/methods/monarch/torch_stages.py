@@ -65,11 +65,12 @@ class Workspace:
     """Intermediate buffers of the CPU path, reused from one call to the next on one thread.
 
     glibc's malloc hands large freed blocks back to the OS, so every call would page-fault its
-    intermediates in anew: about 3,400 faults a call at N = 4K, a fifth of its time on the
-    machine of benchmarks/results/ (README, Speed). Each op call is one `begin()`; a buffer no
-    call has taken for two calls is dropped, so what is held is what the last two calls used
-    (a forward and a backward in training; about 2·g·N·d values a forward at T = 1). The
-    caller never sees a buffer: outputs are fresh tensors.
+    intermediates in anew: thousands of faults a call at N = 4K (counted ad hoc with
+    resource.getrusage), about a fifth of its time on the machine of benchmarks/results/
+    (benchmarks/attention_speed.py before and after; README, Speed). Each op call is one
+    `begin()`; a buffer no call has taken for two calls is dropped, so what is held is what the
+    last two calls used (a forward and a backward in training; about 2·g·N·d values a forward
+    at T = 1). The caller never sees a buffer: outputs are fresh tensors.
     """
 
     _threads = threading.local()
