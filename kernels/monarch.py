@@ -548,6 +548,7 @@ class TritonStageOps:
     """`StageOps` (attnrewrite/methods/monarch/stages.py) on the two stage kernels."""
 
     workspace = None  # CUDA's caching allocator already reuses intermediates
+    folds_diagonal = False  # the R-update kernel computes keys_dot in registers
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -571,7 +572,10 @@ class TritonStageOps:
         keys_dot: Tensor | None = None,
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
+        bias_minus_diagonal: int | None = None,
+        diagonal_weight: Tensor | None = None,
     ) -> None:
+        assert bias_minus_diagonal is None, "folds_diagonal is False: pass keys_dot's bias"
         groups, n_groups, n_rows, head_dim = q.shape
         n_cols = keys.shape[2]
         width = 0 if values is None else values.shape[3]

@@ -260,6 +260,39 @@ def test_fast_path_chunking_over_and_within_sequences_agrees(chunk):
             torch.testing.assert_close(grad, expected_grad, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n", "b", "steps", "pad", "masked"), LOOP_CASES)
+@pytest.mark.parametrize("chunk", [64, 1 << 17])
+def test_folded_first_l_update_bias_equals_the_rowdot_one(
+    n, b, steps, pad, masked, causal, chunk, monkeypatch
+):
+    """The chunked CPU path reads s·q̃·aL of step 1 off the L-update's own scores (a diagonal,
+    the subdiagonal when causal) instead of a rowdot: no keys_dot is asked of that R-update,
+    and the output is the rowdot path's, with masked queries, padding and several steps."""
+    q, k, v = (x.double() for x in random_qkv(2, n, 5, dv=3))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[:, list(masked)] = False
+    bias = torch.randn(2, n, dtype=torch.float64).masked_fill(~valid, -math.inf)
+    config = MonarchConfig(0.4, b, steps, pad, causal)
+    unfolded = TorchStageOps(chunk_elements=chunk)
+    unfolded.folds_diagonal = False
+    expected, _ = monarch_forward(q, k, v, bias, valid, config, unfolded)
+
+    keys_dots = []
+    attend = TorchStageOps.attend
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("keys_out") is not None:
+            keys_dots.append(kwargs.get("keys_dot") is not None)
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchStageOps, "attend", spy)
+    folded = TorchStageOps(chunk_elements=chunk)
+    got, _ = monarch_forward(q, k, v, bias, valid, config, folded)
+    assert folded.folds_diagonal and keys_dots == [False] + [True] * (steps - 1)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 def test_causal_one_block_and_unit_blocks_are_exact_causal_softmax(n):
     q, k, v = random_qkv(2, 3, n, 8)

@@ -52,9 +52,11 @@ class StageOps(Protocol):
     c > r + causal) and an optional per-row sink logit, P = softmax over keys ∪ {sink}.
 
     `workspace`: where intermediates that do not outlive the call live (torch_stages.Workspace),
-    or None for fresh tensors."""
+    or None for fresh tensors. `folds_diagonal`: whether `attend` takes `bias_minus_diagonal`
+    (else the first step's L-update bias is computed from `keys_dot`, as at later steps)."""
 
     workspace: Workspace | None
+    folds_diagonal: bool
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype stage inputs are kept in (statistics are always at least fp32)."""
@@ -76,11 +78,16 @@ class StageOps(Protocol):
         keys_dot: Tensor | None = None,
         transposed: Tensor | None = None,
         transposed_out: Tensor | None = None,
+        bias_minus_diagonal: int | None = None,
+        diagonal_weight: Tensor | None = None,
     ) -> None:
         """out = P·values + p_sink·sink_value; lse = log Σ exp (−inf for a row that sees
         nothing; None when not needed, which rules out a sink); keys_out = P·keys (the keys as
         values too: the R-update's aL) with keys_dot = rowdot(q, keys_out);
-        transposed_out = Pᵀ·transposed (the sink is no key)."""
+        transposed_out = Pᵀ·transposed (the sink is no key).
+        bias_minus_diagonal = o (where `folds_diagonal`): key c's bias is first lowered by
+        w·scale·q[c + o]·keys[c], row c + o's score for key c before bias, with w the row's
+        `diagonal_weight` (or 1); nothing where row c + o does not exist."""
 
     def attend_grads(
         self,
@@ -313,9 +320,16 @@ def monarch_forward(
     out = None
     for step in range(config.num_steps):
         last = step == config.num_steps - 1
+        # At step 1 the R-update's rows q̃[k] = ω[k + o]·q[k + o] are the L-update's rows,
+        # shifted by o = 1 in the causal variant: s·q̃·aL is then a diagonal of the L-update's
+        # own scores, which a backend that folds it reads there (no rowdot, no bias pass).
+        fold = step == 0 and ops.folds_diagonal and not keep
+        minus_diagonal = int(causal) if fold else None
+        diagonal_weight = by_slot(valid) if fold and valid is not None else None
         a_l = new(qp, d)
         y = new(qp, width) if last else None
-        lse_r, keys_dot = (new(qp, dtype=stats) for _ in range(2))
+        lse_r = new(qp, dtype=stats)
+        keys_dot = None if fold else new(qp, dtype=stats)
         ops.attend(
             q_eff,
             kp,
@@ -327,7 +341,8 @@ def monarch_forward(
             keys_out=a_l,
             keys_dot=keys_dot,
         )
-        bias_l = lse_r - scale * keys_dot
+        # βL = λR − s·q̃·aL (folded: λR here, the L-update subtracts its diagonal)
+        bias_l = lse_r if keys_dot is None else lse_r - scale * keys_dot
         # the last L-update's lse only serves the backward pass
         lse_l = new(qp, dtype=stats) if y is None or keep else None
         record = _Step(q_eff, a_l, y, lse_r, bias_l, lse_l)
@@ -344,6 +359,8 @@ def monarch_forward(
                 causal=block_causal,
                 sink_logit=sink_logit,
                 sink_value=None if diag_out is None else by_slot(diag_out),
+                bias_minus_diagonal=minus_diagonal,
+                diagonal_weight=diagonal_weight,
             )
         else:
             assert lse_l is not None
@@ -363,6 +380,8 @@ def monarch_forward(
                 sink_logit=sink_logit,
                 transposed=by_slot(rows_x),
                 transposed_out=by_slot(summed),
+                bias_minus_diagonal=minus_diagonal,
+                diagonal_weight=diagonal_weight,
             )
             record.norm = summed[..., d].to(stats)
             q_eff = _safe_div(summed[..., :d].to(stats), record.norm).to(compute).contiguous()
