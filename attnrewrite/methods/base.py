@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -124,3 +124,52 @@ class AttentionMethod(ABC):
         options: MethodOptions,
     ) -> torch.Tensor:
         """The functional form used by `attnrewrite.attention`; raises on masks it cannot honor."""
+
+
+class CustomOpMethod(AttentionMethod):
+    """A method whose sites call one custom op with SDPA's arguments plus the method's own
+    (`op_options`): the graph's call and the functional form differ only in `fallback`, which
+    lets a rewritten site take exact attention for a mask the method cannot honor (the substitute
+    pass checked the example inputs' mask) while `attnrewrite.attention` raises instead."""
+
+    #: the op as a Python function (the functional form), and the graph's target
+    op: ClassVar[Callable[..., torch.Tensor]]
+    op_name: ClassVar[str]
+
+    def op_options(self, options: MethodOptions) -> dict[str, Any]:
+        """The op's keyword arguments for the method's options (a custom op takes lists)."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in options.as_dict().items()
+        }
+
+    def graph_target(self) -> Any:
+        return getattr(torch.ops.attnrewrite, self.op_name).default
+
+    def graph_arguments(
+        self, site: AttentionSite, options: MethodOptions
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sdpa = site.sdpa
+        assert sdpa is not None
+        kwargs = dict(
+            attn_mask=sdpa.attn_mask,
+            scale=sdpa.scale,
+            **self.op_options(options),
+            is_causal=sdpa.is_causal,
+            enable_gqa=sdpa.enable_gqa,
+            fallback=True,
+        )
+        return (sdpa.query, sdpa.key, sdpa.value), kwargs
+
+    def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
+        return self.op(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            scale=scale,
+            **self.op_options(options),
+            is_causal=is_causal,
+            enable_gqa=enable_gqa,
+            fallback=False,
+        )

@@ -6,10 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
 from ...site import AttentionSite
-from ..base import AttentionMethod, MethodOptions
+from ..base import CustomOpMethod, MethodOptions
 from .op import hsa_attention_op
 from .reference import (
     check_branching,
@@ -47,10 +45,12 @@ class HSAOptions(MethodOptions):
         check_branching(self.branching)
 
 
-class HSAMethod(AttentionMethod):
+class HSAMethod(CustomOpMethod):
     name = "hsa"
     key_masks_only = True
     options_type = HSAOptions
+    op = staticmethod(hsa_attention_op)
+    op_name = "hsa_attention"
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
         return self.tiling_reason(site, "HSA", "one HSA tree spans queries and keys alike")
@@ -62,34 +62,3 @@ class HSAMethod(AttentionMethod):
         if isinstance(site.q_len, int):
             resolved["tree"] = hierarchy(site.q_len, resolved["branching"])
         return resolved
-
-    def graph_target(self) -> Any:
-        return torch.ops.attnrewrite.hsa_attention.default
-
-    def graph_arguments(
-        self, site: AttentionSite, options: MethodOptions
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sdpa = site.sdpa
-        assert sdpa is not None
-        kwargs = dict(
-            attn_mask=sdpa.attn_mask,
-            scale=sdpa.scale,
-            branching=list(options.branching),
-            is_causal=sdpa.is_causal,
-            enable_gqa=sdpa.enable_gqa,
-            fallback=True,
-        )
-        return (sdpa.query, sdpa.key, sdpa.value), kwargs
-
-    def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
-        return hsa_attention_op(
-            q,
-            k,
-            v,
-            attn_mask,
-            scale,
-            list(options.branching),
-            is_causal,
-            enable_gqa=enable_gqa,
-            fallback=False,
-        )

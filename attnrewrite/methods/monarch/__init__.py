@@ -14,11 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
 from ...errors import OptionError
 from ...site import AttentionSite
-from ..base import AttentionMethod, MethodOptions, check_int_option
+from ..base import CustomOpMethod, MethodOptions, check_int_option
 from .op import kernel_backend, monarch_attention_backward_op, monarch_attention_op
 from .reference import default_block_size, monarch_attention_reference
 
@@ -62,10 +60,12 @@ class MonarchOptions(MethodOptions):
             )
 
 
-class MonarchMethod(AttentionMethod):
+class MonarchMethod(CustomOpMethod):
     name = "monarch"
     key_masks_only = True
     options_type = MonarchOptions
+    op = staticmethod(monarch_attention_op)
+    op_name = "monarch_attention"
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
         return self.tiling_reason(site, "MonarchAttention", "Monarch blocks queries and keys alike")
@@ -77,34 +77,3 @@ class MonarchMethod(AttentionMethod):
         if resolved["block_size"] is None and isinstance(site.q_len, int):
             resolved["block_size"] = default_block_size(site.q_len)
         return resolved
-
-    def graph_target(self) -> Any:
-        return torch.ops.attnrewrite.monarch_attention.default
-
-    def graph_arguments(
-        self, site: AttentionSite, options: MethodOptions
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sdpa = site.sdpa
-        assert sdpa is not None
-        kwargs = dict(
-            attn_mask=sdpa.attn_mask,
-            scale=sdpa.scale,
-            **options.as_dict(),
-            enable_gqa=sdpa.enable_gqa,
-            fallback=True,
-            is_causal=sdpa.is_causal,
-        )
-        return (sdpa.query, sdpa.key, sdpa.value), kwargs
-
-    def __call__(self, q, k, v, attn_mask, is_causal, scale, enable_gqa, options):
-        return monarch_attention_op(
-            q,
-            k,
-            v,
-            attn_mask,
-            scale,
-            **options.as_dict(),
-            enable_gqa=enable_gqa,
-            fallback=False,
-            is_causal=is_causal,
-        )
