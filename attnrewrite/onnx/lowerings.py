@@ -126,26 +126,47 @@ def monarch_spec(
         num_steps=num_steps,
         pad=pad,
     )
+    return _sdpa_like_spec(
+        "MonarchAttention",
+        approximate,
+        (("b", block_size), ("T", num_steps), ("pad", pad)),
+        q,
+        k,
+        v,
+        attn_mask,
+        scale=scale,
+        is_causal=is_causal,
+        enable_gqa=enable_gqa,
+        # More than one block, and a ragged last one: the export then keeps padding and block
+        # count symbolic instead of specializing them.
+        example_length=2 * block_size + (3 if block_size > 3 else 1),
+    )
+
+
+def _sdpa_like_spec(
+    name: str,
+    approximate: Callable[..., Any],
+    method_options: tuple[tuple[str, Any], ...],
+    q: Any,
+    k: Any,
+    v: Any,
+    attn_mask: Any,
+    *,
+    scale: float | None,
+    is_causal: bool,
+    enable_gqa: bool,
+    example_length: int,
+) -> FunctionSpec:
+    """The function of an op with SDPA's arguments: inputs q, k, v (and the mask), options the
+    method's then causal, scale and gqa, and `approximate` behind the op's mask dispatch."""
     inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
     if attn_mask is not None:
         inputs.append(("mask", TensorLayout.of(attn_mask)))
-    options = (
-        ("b", block_size),
-        ("T", num_steps),
-        ("pad", pad),
-        ("causal", is_causal),
-        ("scale", scale),
-        ("gqa", enable_gqa),
-    )
+    options = (*method_options, ("causal", is_causal), ("scale", scale), ("gqa", enable_gqa))
     body = _key_masked(
         approximate, attn_mask, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
     )
-    # More than one block, and a ragged last one: the export then keeps padding and block count
-    # symbolic instead of specializing them.
-    example_length = 2 * block_size + (3 if block_size > 3 else 1)
-    return FunctionSpec(
-        "MonarchAttention", options, tuple(inputs), body, example_length=example_length
-    )
+    return FunctionSpec(name, options, tuple(inputs), body, example_length=example_length)
 
 
 def _monarch_approximation(q, k, v, key_bias, query_weight, *, scale, block_size, num_steps, pad,
@@ -180,22 +201,19 @@ def hsa_spec(
     _refuse_unknown("hsa_attention", "hsa_spec", unknown)
     branching = tuple(branching)
     approximate = functools.partial(_hsa_approximation, scale=scale, branching=branching)
-    inputs = [("q", TensorLayout.of(q)), ("k", TensorLayout.of(k)), ("v", TensorLayout.of(v))]
-    if attn_mask is not None:
-        inputs.append(("mask", TensorLayout.of(attn_mask)))
-    options = (
-        ("branching", branching),
-        ("causal", is_causal),
-        ("scale", scale),
-        ("gqa", enable_gqa),
-    )
-    body = _key_masked(
-        approximate, attn_mask, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
-    )
-    # Every level of the tree present, and ragged groups: nothing specializes in the export.
-    example_length = 2 * math.prod(branching) + 3
-    return FunctionSpec(
-        "HierarchicalSelfAttention", options, tuple(inputs), body, example_length=example_length
+    return _sdpa_like_spec(
+        "HierarchicalSelfAttention",
+        approximate,
+        (("branching", branching),),
+        q,
+        k,
+        v,
+        attn_mask,
+        scale=scale,
+        is_causal=is_causal,
+        enable_gqa=enable_gqa,
+        # Every level of the tree present, and ragged groups: nothing specializes in the export.
+        example_length=2 * math.prod(branching) + 3,
     )
 
 
