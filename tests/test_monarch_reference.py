@@ -262,13 +262,14 @@ def test_fast_path_chunking_over_and_within_sequences_agrees(chunk):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("n", "b", "steps", "pad", "masked"), LOOP_CASES)
-@pytest.mark.parametrize("chunk", [64, 1 << 17])
+@pytest.mark.parametrize("chunk", [64, 1 << 17, None])
 def test_folded_first_l_update_bias_equals_the_rowdot_one(
     n, b, steps, pad, masked, causal, chunk, monkeypatch
 ):
-    """The chunked CPU path reads s·q̃·aL of step 1 off the L-update's own scores (a diagonal,
-    the subdiagonal when causal) instead of a rowdot: no keys_dot is asked of that R-update,
-    and the output is the rowdot path's, with masked queries, padding and several steps."""
+    """The CPU path (chunked, and whole as exported to ONNX) reads s·q̃·aL of step 1 off the
+    L-update's own scores (a diagonal, the subdiagonal when causal) instead of a rowdot: no
+    keys_dot is asked of that R-update, and the output is the rowdot path's, with masked
+    queries, padding and several steps."""
     q, k, v = (x.double() for x in random_qkv(2, n, 5, dv=3))
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[:, list(masked)] = False
