@@ -31,14 +31,18 @@ def _feed(session: Any, batch: int, seq_len: int, rng: np.random.Generator) -> d
     return feed
 
 
-def median_latency_ms(session: Any, feed: dict[str, Any], repeats: int) -> float:
-    session.run(None, feed)  # warm-up
-    times = []
+def median_latencies_ms(sessions: list[Any], feed: dict[str, Any], repeats: int) -> list[float]:
+    """Each session's median latency, measured round by round (one run of each per round), so
+    that whatever else the machine does falls on all of them alike."""
+    for session in sessions:
+        session.run(None, feed)  # warm-up
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for session, own in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            session.run(None, feed)
+            own.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(own) for own in times]
 
 
 def compare_latency(
@@ -51,12 +55,17 @@ def compare_latency(
     threads: int | None = None,
     progress: bool = False,
 ) -> list[dict[str, float]]:
-    """Median latency of both models at each length, measured alternately in one process."""
+    """Median latency of both models at each length, measured in alternating rounds in one
+    process."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # Each session has its own thread pool, which by default spins for a while after a run: the
+    # other session's next run would then share the cores with it (on 2 cores, Monarch at
+    # N = 4K measured 51 ms after an exact-attention run instead of 27).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [
         onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
         for p in (original, rewritten)
@@ -65,7 +74,7 @@ def compare_latency(
     rows = []
     for seq_len in tqdm(seq_lens, desc="onnxruntime latency", disable=not progress):
         feed = _feed(sessions[0], batch, seq_len, rng)
-        first, second = (median_latency_ms(s, feed, repeats) for s in sessions)
+        first, second = median_latencies_ms(sessions, feed, repeats)
         rows.append(
             {
                 "seq_len": seq_len,
