@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ import torch.fx
 from .errors import OptionError
 from .flops import flops_saved
 from .methods import AttentionMethod, MethodOptions
+from .methods.base import CustomOpMethod
+from .passes.head_split import head_count
 from .site import AttentionSite, SDPAArgs
 
 
@@ -89,11 +91,16 @@ class ErrorBudget:
     None uses the rewrite's example inputs. Keep calibration and evaluation data disjoint.
     candidates: option overrides to try per site (e.g. [{"block_size": 8}, {"block_size": 16}]);
     each site gets the candidate with the best FLOPs saved per unit of error.
+    per_head: where a whole site does not fit the budget, replace some of its heads (the others
+    stay exact): each head is measured alone, and heads are added greedily as sites are. Costs a
+    calibration run per head of every such site; for (batch, heads, N, d) sites of Monarch and
+    HSA.
     """
 
     max_error: float
     calibration: Any = None
     candidates: Sequence[Mapping[str, Any]] = ({},)
+    per_head: bool = False
     _reasons: dict[int, str] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _chosen: dict[int, dict[str, Any]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
@@ -119,9 +126,15 @@ class ErrorBudget:
         options: MethodOptions,
         example_calls: list[tuple[tuple, dict]],
     ) -> None:
-        """Measure every candidate site alone, then add sites greedily under the budget."""
+        """Measure every candidate site alone, then add sites greedily under the budget (and,
+        with per_head, heads of the sites that did not fit)."""
         from .passes.substitute import substitute
 
+        if self.per_head and not isinstance(method, CustomOpMethod):
+            raise OptionError(
+                f"ErrorBudget(per_head=True) needs a stateless method (monarch, hsa), not "
+                f"{method.name!r}"
+            )
         calls = example_calls if self.calibration is None else _calls(self.calibration)
         exact = _outputs(gm, calls)
 
@@ -167,6 +180,46 @@ class ErrorBudget:
                     f"policy: error budget {self.max_error:g} exceeded (model error with this "
                     f"site {total:.3g}; the site alone {site.measured_error:.3g})"
                 )
+        if self.per_head:
+            rejected = {
+                index: overrides
+                for _, index, overrides in sorted(scored, reverse=True)
+                if index not in accepted and sites[index].flops_saved > 0
+            }
+            self._add_heads(sites, rejected, accepted, error_with)
+
+    def _add_heads(
+        self,
+        sites: list[AttentionSite],
+        rejected: dict[int, dict[str, Any]],
+        accepted: dict[int, dict[str, Any]],
+        error_with: Callable[[dict[int, dict[str, Any]]], float],
+    ) -> None:
+        """Measure each head of the rejected sites alone, then add heads greedily, best FLOPs
+        saved (the site's share per head) per unit of error first, while the budget holds."""
+
+        def with_heads(index: int, heads: list[int]) -> dict[str, Any]:
+            return {**rejected[index], "heads": heads}
+
+        units = []
+        for index in rejected:
+            site = sites[index]
+            n_heads = head_count(site)
+            if n_heads is None or n_heads < 2 or site.flops_saved is None:
+                continue
+            for head in range(n_heads):
+                error = error_with({index: with_heads(index, [head])})
+                units.append((site.flops_saved / n_heads / max(error, 1e-12), index, head))
+        chosen: dict[int, list[int]] = {}
+        for _, index, head in sorted(units, reverse=True):
+            trial_heads = {**chosen, index: sorted([*chosen.get(index, []), head])}
+            trial = {**accepted, **{i: with_heads(i, h) for i, h in trial_heads.items()}}
+            if error_with(trial) <= self.max_error:
+                chosen = trial_heads
+        for index, heads in chosen.items():
+            site = sites[index]
+            self._reasons.pop(id(site))
+            self._chosen[id(site)] = with_heads(index, heads)
 
 
 @dataclasses.dataclass

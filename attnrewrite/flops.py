@@ -51,3 +51,18 @@ METHOD_FLOPS: dict[str, Callable[[AttentionSite, Mapping[str, Any]], int]] = {
 
 def flops_saved(site: AttentionSite, method: str, options: Mapping[str, Any]) -> int:
     return exact_attention_flops(site) - METHOD_FLOPS[method](site, options)
+
+
+def site_flops(site: AttentionSite) -> int:
+    """The attention FLOPs a site runs as rewritten: the method's on the heads it replaced (all
+    of them, or options["heads"]), exact attention on the others and at kept sites."""
+    exact = exact_attention_flops(site)
+    if site.status != "replaced" or site.method is None:
+        return exact
+    method = METHOD_FLOPS[site.method](site, site.options)
+    heads = site.options.get("heads")
+    if heads is None:
+        return method
+    assert site.q_shape is not None
+    share = len(heads) / site.q_shape[1]
+    return round(share * method + (1 - share) * exact)

@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 import attnrewrite
 from attnrewrite.budget import clone_with_sites
-from attnrewrite.flops import METHOD_FLOPS, exact_attention_flops
+from attnrewrite.flops import exact_attention_flops, site_flops
 from attnrewrite.methods import get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,6 +90,7 @@ SETTINGS = {  # method → list of option sets
 }
 ALTERNATING = [1, 3, 5]  # the HSA paper replaces alternating layers only
 BUDGETS = [0.1, 0.2]
+PER_HEAD_BUDGETS = [0.1]  # a calibration run per head of every site that does not fit whole
 PER_LAYER_SETTING = 2  # index into each method's settings: the per-layer rows use it
 
 
@@ -144,14 +146,18 @@ def evaluate(gm, sites, method: str, options: dict, policy: Any, calls, referenc
     with torch.no_grad():
         got = clone(*calls)
     total = sum(exact_attention_flops(s) for s in copies)
-    after = sum(
-        METHOD_FLOPS[s.method](s, s.options) if s.status == "replaced" else exact_attention_flops(s)
-        for s in copies
-    )
+    after = sum(site_flops(s) for s in copies)
+    replaced = [s for s in copies if s.status == "replaced"]
     return {
         **metrics(reference, got),
         "flops_saved": 1 - after / total,
-        "replaced_layers": [s.layer for s in copies if s.status == "replaced"],
+        "replaced_layers": [s.layer for s in replaced],
+        # layer → (heads replaced, heads) where only some heads were
+        "partial_heads": {
+            s.layer: (len(s.options["heads"]), s.q_shape[1])
+            for s in replaced
+            if "heads" in s.options
+        },
     }
 
 
@@ -162,11 +168,13 @@ def jobs(
     settings: dict[str, list[dict]],
     per_layer: dict[str, list[dict]],
     budgets: list[float],
+    per_head_budgets: list[float],
     layers: int,
     calibration: tuple[torch.Tensor, torch.Tensor],
 ) -> list[Job]:
     """Per method: `per_layer` settings one layer at a time, every setting in all layers and in
-    alternating layers, then ErrorBudget (candidates: settings 1 and 2) at each budget."""
+    alternating layers, then ErrorBudget (candidates: settings 1 and 2) at each budget, and
+    with per-head replacement at each of `per_head_budgets`."""
     result: list[Job] = []
     for method, options_list in settings.items():
         for options in per_layer[method]:
@@ -183,6 +191,11 @@ def jobs(
         for budget in budgets:
             policy = attnrewrite.ErrorBudget(budget, calibration=calibration, candidates=candidates)
             result.append((method, candidates[0], f"budget {budget}", policy))
+        for budget in per_head_budgets:
+            policy = attnrewrite.ErrorBudget(
+                budget, calibration=calibration, candidates=candidates, per_head=True
+            )
+            result.append((method, candidates[0], f"budget {budget} per head", policy))
     return result
 
 
@@ -206,9 +219,9 @@ def main() -> None:
     if args.hsa_branchings:
         hsa = [{"branching": b} for b in args.hsa_branchings]
         settings = {"monarch": [SETTINGS["monarch"][PER_LAYER_SETTING]], "hsa": hsa}
-        per_layer, budgets, name = settings, [], "quality_hsa"
+        per_layer, budgets, per_head_budgets, name = settings, [], [], "quality_hsa"
     else:
-        settings, budgets, name = SETTINGS, BUDGETS, "quality"
+        settings, budgets, per_head_budgets, name = SETTINGS, BUDGETS, PER_HEAD_BUDGETS, "quality"
         per_layer = {method: [s[PER_LAYER_SETTING]] for method, s in SETTINGS.items()}
     torch.manual_seed(0)
     path = get_model_path()
@@ -232,7 +245,7 @@ def main() -> None:
         sites = canonicalize(gm)
         with torch.no_grad():
             reference = model(*evaluation)
-        todo = jobs(settings, per_layer, budgets, len(sites), calibration)
+        todo = jobs(settings, per_layer, budgets, per_head_budgets, len(sites), calibration)
         for method, options, selection, policy in tqdm(todo, desc=f"N={seq_len}"):
             result = evaluate(gm, sites, method, options, policy, evaluation, reference)
             rows.append(
@@ -282,6 +295,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def replaced_layer(row: dict) -> Callable[[int], str]:
+    """A replaced layer's label: "3", or "3 (5/12 heads)" where only some heads were."""
+    partial = {int(layer): heads for layer, heads in row.get("partial_heads", {}).items()}
+
+    def label(layer: int) -> str:
+        if layer not in partial:
+            return str(layer)
+        replaced, total = partial[layer]
+        return f"{layer} ({replaced}/{total} heads)"
+
+    return label
+
+
 def summary(rows: list[dict]) -> str:
     """The README's table: the one-layer rows of a setting collapsed to best … worst (each
     metric's own best and worst layer)."""
@@ -304,12 +330,12 @@ def summary(rows: list[dict]) -> str:
             agreement = f"{max(agreements):.2f} … {min(agreements):.2f}"
         else:
             (r,) = group
-            layers = ", ".join(map(str, r["replaced_layers"])) or "none"
+            layers = ", ".join(map(replaced_layer(r), r["replaced_layers"])) or "none"
             if r["selection"] == "all layers":
                 layers = f"all {len(r['replaced_layers'])}"
             cosine, agreement = f"{r['cosine']:.4f}", f"{r['neighbour_agreement']:.2f}"
             if r["selection"].startswith("budget"):
-                label = f"ErrorBudget {r['selection'].split()[1]}"
+                label = "ErrorBudget " + r["selection"].removeprefix("budget ")
         flops = max(100 * r["flops_saved"] for r in group)
         lines.append(
             f"| {seq_len} | {method} | {label} | {layers} | {cosine} | {agreement} | {flops:.0f}% |"

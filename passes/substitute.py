@@ -13,6 +13,7 @@ import torch.fx
 
 from ..methods import AttentionMethod, MethodOptions
 from ..site import AttentionSite
+from .head_split import checked_heads, insert_head_split
 
 Policy = Callable[[AttentionSite], "str | None"]
 
@@ -26,14 +27,16 @@ def substitute(
 ) -> None:
     """Replace the selected, supported sites in place and mark every site replaced or kept.
 
-    A policy may also choose per-site options through a `site_options(site) -> dict` method.
+    A policy may also choose per-site options through a `site_options(site) -> dict` method,
+    including `heads`: the head indices to replace, the others staying exact (head_split.py).
     """
     changed = False
     overrides = getattr(policy, "site_options", None)
     for site in sites:
         if site.status != "found":
             continue
-        chosen = overrides(site) if overrides is not None else {}
+        chosen = dict(overrides(site)) if overrides is not None else {}
+        heads = chosen.pop("heads", None)
         site_options = method.parse_options({**options.as_dict(), **chosen}) if chosen else options
         reason = policy(site) if policy is not None else None
         if method.key_masks_only and site.mask == "general":
@@ -46,14 +49,20 @@ def substitute(
         if reason:
             site.keep(reason)
             continue
+        if heads is not None:
+            heads = checked_heads(site, method, heads)
         site.method = method.name
         site.options = method.site_options(site, site_options)
         site.status = "replaced"
         old = site.sdpa_node
-        args, kwargs = method.graph_arguments(site, site_options)
-        if old.target is method.graph_target() and old.args == args and old.kwargs == kwargs:
-            continue
-        new = method.insert(gm, site, site_options)
+        if heads is not None:
+            site.options["heads"] = heads
+            new = insert_head_split(gm, site, method, site_options, heads)
+        else:
+            args, kwargs = method.graph_arguments(site, site_options)
+            if old.target is method.graph_target() and old.args == args and old.kwargs == kwargs:
+                continue
+            new = method.insert(gm, site, site_options)
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
         gm.graph.erase_node(old)

@@ -88,8 +88,33 @@ def test_budget_picks_per_site_options_from_candidates(model):
         assert site.options["block_size"] == max(ratios, key=ratios.get)
 
 
+def test_per_head_budget_replaces_heads_where_whole_sites_do_not_fit(model):
+    calibration, held_out = [batch(1), batch(2)], batch(3)
+    everything = attnrewrite.ErrorBudget(float("inf"), calibration=calibration)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=everything)
+    max_error = 0.5 * min(s.measured_error for s in res.report.sites)
+    whole = attnrewrite.ErrorBudget(max_error, calibration=calibration)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=whole)
+    assert res.report.replaced == []
+    per_head = attnrewrite.ErrorBudget(max_error, calibration=calibration, per_head=True)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=per_head)
+    heads = model.bert.config.num_attention_heads
+    chosen = [s.options["heads"] for s in res.report.replaced]
+    assert chosen and all(0 < len(h) < heads for h in chosen)
+    assert "heads=" in str(res.report)
+    calibration_error = relative_error(
+        [res.module(*c).double() for c in calibration], [model(*c).double() for c in calibration]
+    )
+    assert 0 < calibration_error <= max_error + 1e-6
+    assert model_error(model, res, held_out) <= 2 * max_error + 1e-6
+
+
 def test_budget_options_are_checked():
     with pytest.raises(attnrewrite.OptionError, match="max_error must be ≥ 0"):
         attnrewrite.ErrorBudget(-1.0)
     with pytest.raises(attnrewrite.OptionError, match="calibration must be a tuple"):
         attnrewrite.budget._calls([torch.ones(2)])
+    with pytest.raises(attnrewrite.OptionError, match="per_head=True\\) needs a stateless"):
+        ids, mask = batch(0)
+        budget = attnrewrite.ErrorBudget(1.0, per_head=True)
+        attnrewrite.rewrite(Embedder().eval(), (ids, mask), method="zeros", policy=budget)

@@ -1,0 +1,147 @@
+"""Per-head replacement (passes/head_split.py): the chosen heads run the method, the others stay
+exact, head by head equal to the op and to SDPA on those heads; masks with and without a head
+dim, GQA, causal; refused requests; ONNX export and torch.compile of a split site."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnrewrite
+from attnrewrite.flops import exact_attention_flops, site_flops
+from attnrewrite.methods.hsa import hsa_attention_op
+from attnrewrite.methods.monarch import monarch_attention_op
+from attnrewrite.onnx import export_onnx
+
+HEADS, N, D = 4, 32, 8
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, is_causal: bool = False, enable_gqa: bool = False) -> None:
+        super().__init__()
+        self.is_causal, self.enable_gqa = is_causal, enable_gqa
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.is_causal, enable_gqa=self.enable_gqa
+        )
+
+
+class Heads:
+    """A policy replacing `heads` of every site."""
+
+    def __init__(self, heads) -> None:
+        self.heads = heads
+
+    def __call__(self, site):
+        return None
+
+    def site_options(self, site):
+        return {"heads": self.heads}
+
+
+def approximate(method, q, k, v, mask, is_causal, enable_gqa):
+    if method == "monarch":
+        return monarch_attention_op(
+            q, k, v, mask, None, 8, 1, is_causal=is_causal, enable_gqa=enable_gqa
+        )
+    return hsa_attention_op(q, k, v, mask, None, [4, 2], is_causal, enable_gqa=enable_gqa)
+
+
+def method_options(method):
+    return {"block_size": 8, "num_steps": 1} if method == "monarch" else {"branching": (4, 2)}
+
+
+def key_mask(heads: int) -> torch.Tensor:
+    keep = torch.ones(2, heads, N, N, dtype=torch.bool)
+    keep[0, ..., N - 5 :] = False
+    keep[1, ..., :3] = False
+    return keep
+
+
+@pytest.mark.parametrize("method", ["monarch", "hsa"])
+@pytest.mark.parametrize(
+    ("mask_heads", "is_causal", "kv_heads", "heads"),
+    [
+        (None, False, HEADS, [0, 2, 3]),
+        (1, False, HEADS, [1]),  # a key mask broadcast over heads
+        (HEADS, False, HEADS, [0, 3]),  # a mask with a head dim: split along with q
+        (None, True, HEADS, [1, 2]),
+        (None, False, 2, [0, 1]),  # GQA: both heads read key head 0
+        (1, True, 2, [1, 2]),
+    ],
+)
+def test_chosen_heads_run_the_method_and_the_others_stay_exact(
+    method, mask_heads, is_causal, kv_heads, heads
+):
+    torch.manual_seed(0)
+    q = torch.randn(2, HEADS, N, D)
+    k, v = torch.randn(2, kv_heads, N, D), torch.randn(2, kv_heads, N, D)
+    mask = None if mask_heads is None else key_mask(mask_heads)
+    gqa = kv_heads != HEADS
+    model = Attention(is_causal, gqa)
+    inputs = (q, k, v) if mask is None else (q, k, v, mask)
+    res = attnrewrite.rewrite(
+        model, inputs, method=method, policy=Heads(heads), **method_options(method)
+    )
+    (site,) = res.report.replaced
+    assert site.options["heads"] == heads
+    got = res.module(*inputs)
+    full = approximate(method, q, k, v, mask, is_causal, gqa)
+    exact = model(*inputs)
+    for head in range(HEADS):
+        expected = full if head in heads else exact
+        torch.testing.assert_close(got[:, head], expected[:, head], atol=0, rtol=0)
+
+
+def test_a_split_site_runs_its_share_of_the_methods_flops():
+    q, k, v = (torch.randn(1, HEADS, 64, D) for _ in range(3))
+    split = attnrewrite.rewrite(
+        Attention(), (q, k, v), method="monarch", policy=Heads([0, 2, 3]), block_size=8
+    )
+    whole = attnrewrite.rewrite(Attention(), (q, k, v), method="monarch", block_size=8)
+    (site,), (whole_site,) = split.report.sites, whole.report.sites
+    exact, method = exact_attention_flops(site), site_flops(whole_site)
+    assert method < exact
+    assert site_flops(site) == round(0.75 * method + 0.25 * exact)
+
+
+def test_every_head_chosen_is_a_plain_replacement():
+    q, k, v = (torch.randn(1, HEADS, N, D) for _ in range(3))
+    res = attnrewrite.rewrite(
+        Attention(), (q, k, v), method="monarch", policy=Heads([3, 1, 2, 0]), block_size=8
+    )
+    assert "heads" not in res.report.sites[0].options
+    targets = [node.target for node in res.module.graph.nodes if node.op == "call_function"]
+    assert torch.ops.attnrewrite.monarch_attention.default in targets
+    assert torch.ops.aten.cat.default not in targets
+
+
+@pytest.mark.parametrize(
+    ("method", "heads", "message"),
+    [
+        ("monarch", [], "non-empty list of indices in \\[0, 4\\)"),
+        ("monarch", [0, 4], "non-empty list of indices in \\[0, 4\\)"),
+        ("monarch", "0", "list of head indices"),
+        ("zeros", [0], "stateless method"),
+    ],
+)
+def test_heads_that_cannot_be_honored_are_refused(method, heads, message):
+    q, k, v = (torch.randn(1, HEADS, N, D) for _ in range(3))
+    with pytest.raises(attnrewrite.OptionError, match=message):
+        attnrewrite.rewrite(Attention(), (q, k, v), method=method, policy=Heads(heads))
+
+
+def test_split_site_compiles_whole_and_exports_to_onnx(tmp_path):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, N, D) for _ in range(3))
+    mask = key_mask(1)
+    res = attnrewrite.rewrite(
+        Attention(), (q, k, v, mask), method="monarch", policy=Heads([0, 2]), block_size=8
+    )
+    explained = torch._dynamo.explain(res.module)(q, k, v, mask)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    exported = export_onnx(res, (q, k, v, mask), tmp_path / "split.onnx")
+    assert exported.path.exists()
