@@ -69,7 +69,9 @@ def insert_head_split(
     n_heads = site.q_shape[HEAD_DIM]
     group = n_heads // site.k_shape[HEAD_DIM] if sdpa.enable_gqa else 1
     mask_shape = site.mask_shape or ()
-    per_head_mask = len(mask_shape) == 4 and mask_shape[HEAD_DIM] == n_heads > 1
+    # the mask's dim that broadcasts against the heads (it may have fewer dims than q)
+    mask_head_dim = len(mask_shape) - 4 + HEAD_DIM
+    per_head_mask = mask_head_dim >= 0 and mask_shape[mask_head_dim] == n_heads > 1
     exact = [h for h in range(n_heads) if h not in heads]
 
     with graph.inserting_before(site.sdpa_node):
@@ -79,7 +81,7 @@ def insert_head_split(
             kv = [h // group for h in selected]
             mask = sdpa.attn_mask
             if mask is not None and per_head_mask:
-                mask = _take(graph, mask, selected)
+                mask = _take(graph, mask, selected, mask_head_dim)
             restricted = dataclasses.replace(
                 sdpa,
                 query=_take(graph, sdpa.query, selected),
@@ -108,22 +110,27 @@ def insert_head_split(
         return _cat(graph, pieces)
 
 
-def _take(graph: torch.fx.Graph, node: torch.fx.Node, indices: list[int]) -> torch.fx.Node:
-    """node[:, indices] as slices of consecutive runs (a repeated index starts a new run)."""
+def _take(
+    graph: torch.fx.Graph, node: torch.fx.Node, indices: list[int], dim: int = HEAD_DIM
+) -> torch.fx.Node:
+    """node's `indices` along dim, as slices of consecutive runs (a repeated index starts a new
+    run)."""
     pieces, start = [], 0
     for i in range(1, len(indices) + 1):
         if i < len(indices) and indices[i] == indices[i - 1] + 1:
             continue
-        pieces.append(_slice(graph, node, indices[start], indices[i - 1] + 1))
+        pieces.append(_slice(graph, node, indices[start], indices[i - 1] + 1, dim))
         start = i
-    return _cat(graph, pieces)
+    return _cat(graph, pieces, dim)
 
 
-def _slice(graph: torch.fx.Graph, node: torch.fx.Node, start: int, stop: int) -> torch.fx.Node:
-    return graph.call_function(torch.ops.aten.slice.Tensor, (node, HEAD_DIM, start, stop))
+def _slice(
+    graph: torch.fx.Graph, node: torch.fx.Node, start: int, stop: int, dim: int = HEAD_DIM
+) -> torch.fx.Node:
+    return graph.call_function(torch.ops.aten.slice.Tensor, (node, dim, start, stop))
 
 
-def _cat(graph: torch.fx.Graph, pieces: list[torch.fx.Node]) -> torch.fx.Node:
+def _cat(graph: torch.fx.Graph, pieces: list[torch.fx.Node], dim: int = HEAD_DIM) -> torch.fx.Node:
     if len(pieces) == 1:
         return pieces[0]
-    return graph.call_function(torch.ops.aten.cat.default, (pieces, HEAD_DIM))
+    return graph.call_function(torch.ops.aten.cat.default, (pieces, dim))

@@ -53,11 +53,12 @@ def method_options(method):
     return {"block_size": 8, "num_steps": 1} if method == "monarch" else {"branching": (4, 2)}
 
 
-def key_mask(heads: int) -> torch.Tensor:
+def key_mask(heads: int, batch: bool = True) -> torch.Tensor:
+    """Key padding as a (2, heads, N, N) mask, or (heads, N, N) (the same for every sequence)."""
     keep = torch.ones(2, heads, N, N, dtype=torch.bool)
     keep[0, ..., N - 5 :] = False
     keep[1, ..., :3] = False
-    return keep
+    return keep if batch else keep[0]
 
 
 @pytest.mark.parametrize("method", ["monarch", "hsa"])
@@ -67,6 +68,7 @@ def key_mask(heads: int) -> torch.Tensor:
         (None, False, HEADS, [0, 2, 3]),
         (1, False, HEADS, [1]),  # a key mask broadcast over heads
         (HEADS, False, HEADS, [0, 3]),  # a mask with a head dim: split along with q
+        (-HEADS, False, HEADS, [1, 3]),  # (heads, N, N): its head dim is its first
         (None, True, HEADS, [1, 2]),
         (None, False, 2, [0, 1]),  # GQA: both heads read key head 0
         (1, True, 2, [1, 2]),
@@ -78,7 +80,7 @@ def test_chosen_heads_run_the_method_and_the_others_stay_exact(
     torch.manual_seed(0)
     q = torch.randn(2, HEADS, N, D)
     k, v = torch.randn(2, kv_heads, N, D), torch.randn(2, kv_heads, N, D)
-    mask = None if mask_heads is None else key_mask(mask_heads)
+    mask = None if mask_heads is None else key_mask(abs(mask_heads), mask_heads > 0)
     gqa = kv_heads != HEADS
     model = Attention(is_causal, gqa)
     inputs = (q, k, v) if mask is None else (q, k, v, mask)
