@@ -33,6 +33,7 @@ b×b or M×M tile), and runs the stages' gradients in reverse; `monarch_backward
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Protocol
 
@@ -111,6 +112,20 @@ class StageOps(Protocol):
         dkeys = scale·dSᵀ·q, dbias = Σ_rows dS, transposed_out = Pᵀ·transposed."""
 
 
+def intermediate(
+    shape: tuple[int, ...],
+    like: Tensor,
+    workspace: Workspace | None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """An uninitialized tensor on like's device (like's dtype unless given), taken from the
+    workspace when there is one."""
+    dtype = dtype or like.dtype
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    return workspace.take(shape, dtype, like.device)
+
+
 @dataclasses.dataclass(frozen=True)
 class MonarchConfig:
     """One call's hyperparameters, resolved (scale and block size are numbers)."""
@@ -167,10 +182,12 @@ class Layout:
         dtype: torch.dtype | None = None,
         *,
         zero: bool = False,
+        workspace: Workspace | None = None,
     ) -> Tensor:
-        """A blocked tensor [g, m, b(, width)] on like's device."""
-        make = torch.zeros if zero else torch.empty
-        return make(self.shape(width), device=like.device, dtype=dtype or like.dtype)
+        """A blocked tensor [g, m, b(, width)] on like's device (zeros, or an intermediate)."""
+        if zero:
+            return torch.zeros(self.shape(width), device=like.device, dtype=dtype or like.dtype)
+        return intermediate(self.shape(width), like, workspace, dtype)
 
     def shape(self, width: int | None = None) -> tuple[int, ...]:
         tail = () if width is None else (width,)
@@ -297,12 +314,7 @@ def monarch_forward(
     by_slot = layout.by_slot
     workspace = None if keep else ops.workspace
 
-    def new(like: Tensor, width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """An intermediate: from the workspace when there is one."""
-        if workspace is None:
-            return layout.new(like, width, dtype)
-        return workspace.take(layout.shape(width), dtype or like.dtype, like.device)
-
+    new = functools.partial(layout.new, workspace=workspace)
     scale, causal = config.scale, config.is_causal
     trace = _Trace(layout, qp, kp, vp, bias, valid, []) if keep else None
     width = vp.shape[-1]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .stages import StageOps, Tensor
+from .stages import StageOps, Tensor, intermediate
 
 
 def _l2_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
@@ -114,13 +114,6 @@ class Workspace:
         return pool[index]
 
 
-def _fresh(shape: tuple[int, ...], like: Tensor, workspace: Workspace | None) -> Tensor:
-    """A buffer shaped `shape` with like's dtype and device, from the workspace if any."""
-    if workspace is None:
-        return like.new_empty(shape)
-    return workspace.take(shape, like.dtype, like.device)
-
-
 class _Chunks:
     """Splits a stage's [g, group, ...] views into cache-sized chunks.
 
@@ -170,7 +163,7 @@ class _Chunks:
         try:
             return x.view(-1, *x.shape[2:])
         except RuntimeError:
-            copy = _fresh((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
+            copy = intermediate((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
             copy.view(x.shape).copy_(x)
             return copy
 
@@ -185,7 +178,7 @@ class _Chunks:
                 return x.view(-1, *x.shape[2:]).split(self.step)
             except RuntimeError:
                 pass
-        scratch = _fresh((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
+        scratch = intermediate((x.shape[0] * x.shape[1], *x.shape[2:]), x, self.workspace)
         self._pending.append((x, scratch))
         return [scratch] if self.whole else scratch.split(self.step)
 
