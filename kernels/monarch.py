@@ -576,56 +576,21 @@ class TritonStageOps:
         diagonal_weight: Tensor | None = None,
     ) -> None:
         assert bias_minus_diagonal is None, "folds_diagonal is False: pass keys_dot's bias"
-        groups, n_groups, n_rows, head_dim = q.shape
-        n_cols = keys.shape[2]
-        width = 0 if values is None else values.shape[3]
         if lse is None:  # not needed by the caller; the kernel writes it regardless
             lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), groups * n_groups)  # noqa: E731
-        _attend_rows_kernel[grid](
+        self._rows(
             q,
-            _strides(q),
             keys,
-            _strides(keys),
-            _or(values, q),
-            _strides(values),
-            _or(bias, lse),
-            _strides(bias),
-            _or(sink_logit, lse),
-            _strides(sink_logit),
-            _or(sink_value, q),
-            _strides(sink_value),
-            _or(out, q),
-            _strides(out),
+            values,
+            bias,
             lse,
-            _strides(lse),
-            _or(keys_out, q),
-            _strides(keys_out),
-            _or(keys_dot, lse),
-            _strides(keys_dot),
-            q,
-            (0, 0, 0),
-            lse,
-            (0, 0, 0),
-            q,
-            (0, 0, 0),
-            n_groups,
-            n_rows,
-            n_cols,
-            head_dim,
-            width,
-            scale,
-            causal or 0,
-            HAS_BIAS=bias is not None,
-            CAUSAL=causal is not None,
-            HAS_SINK=sink_logit is not None,
-            HAS_SINK_VALUE=sink_value is not None,
-            HAS_VALUES=values is not None,
-            HAS_KEYS_OUT=keys_out is not None,
-            GRAD=False,
-            BLOCK_D=_block(head_dim),
-            BLOCK_W=_block(width),
-            PRECISION=_precision(q.dtype),
+            scale=scale,
+            causal=causal,
+            sink_logit=sink_logit,
+            sink_value=sink_value,
+            out=out,
+            keys_out=keys_out,
+            keys_dot=keys_dot,
         )
         if transposed is not None:
             self._cols(
@@ -677,35 +642,63 @@ class TritonStageOps:
             transposed=transposed,
             transposed_out=transposed_out,
         )
+        self._rows(
+            q, keys, values, bias, lse, scale=scale, causal=causal, d_out=d_out, delta=delta, dq=dq
+        )
+
+    def _rows(
+        self,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor | None,
+        bias: Tensor | None,
+        lse: Tensor,
+        *,
+        scale: float,
+        causal: int | None,
+        sink_logit: Tensor | None = None,
+        sink_value: Tensor | None = None,
+        out: Tensor | None = None,
+        keys_out: Tensor | None = None,
+        keys_dot: Tensor | None = None,
+        d_out: Tensor | None = None,
+        delta: Tensor | None = None,
+        dq: Tensor | None = None,
+    ) -> None:
+        """The row kernel: the forward outputs, or with d_out the GRAD output dq. An absent
+        tensor passes a placeholder pointer (q for features, lse for scalars) its flag keeps
+        unread."""
+        assert keys_out is None or keys_dot is not None, "the kernel writes keys_dot with keys_out"
         groups, n_groups, n_rows, head_dim = q.shape
-        n_cols, width = keys.shape[2], values.shape[3]
+        n_cols = keys.shape[2]
+        width = 0 if values is None else values.shape[3]
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), groups * n_groups)  # noqa: E731
         _attend_rows_kernel[grid](
             q,
             _strides(q),
             keys,
             _strides(keys),
-            values,
+            _or(values, q),
             _strides(values),
             _or(bias, lse),
             _strides(bias),
-            lse,
-            (0, 0, 0),
-            q,
-            (0, 0, 0),
-            q,
-            (0, 0, 0),
+            _or(sink_logit, lse),
+            _strides(sink_logit),
+            _or(sink_value, q),
+            _strides(sink_value),
+            _or(out, q),
+            _strides(out),
             lse,
             _strides(lse),
-            q,
-            (0, 0, 0),
-            lse,
-            (0, 0, 0),
-            d_out,
+            _or(keys_out, q),
+            _strides(keys_out),
+            _or(keys_dot, lse),
+            _strides(keys_dot),
+            _or(d_out, q),
             _strides(d_out),
-            delta,
+            _or(delta, lse),
             _strides(delta),
-            dq,
+            _or(dq, q),
             _strides(dq),
             n_groups,
             n_rows,
@@ -716,11 +709,11 @@ class TritonStageOps:
             causal or 0,
             HAS_BIAS=bias is not None,
             CAUSAL=causal is not None,
-            HAS_SINK=False,
-            HAS_SINK_VALUE=False,
-            HAS_VALUES=True,
-            HAS_KEYS_OUT=False,
-            GRAD=True,
+            HAS_SINK=sink_logit is not None,
+            HAS_SINK_VALUE=sink_value is not None,
+            HAS_VALUES=values is not None,
+            HAS_KEYS_OUT=keys_out is not None,
+            GRAD=d_out is not None,
             BLOCK_D=_block(head_dim),
             BLOCK_W=_block(width),
             PRECISION=_precision(q.dtype),
