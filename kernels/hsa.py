@@ -172,12 +172,10 @@ def _down_kernel(
     """Top-down step: P(B), U(B) of the children (at the leaves, the output into carried_ptr)."""
     g = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    _, _, logits, diagonal, _, family, child, row_ok, _, _ = _family_tile(
-        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, g, tile, n_rows, n_children, n_families, d,
-        scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
+    _, _, weights, diagonal, _, family, child, row_ok, _ = _weighted_tile(
+        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, lse_ptr, g, tile, n_rows, n_children,
+        n_families, d, scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
     )  # fmt: skip
-    lse = tl.load(lse_ptr + g * n_children + child, mask=row_ok, other=float("-inf"))
-    weights = _weights(logits, lse)
     mass = tl.load(parent_mass_ptr + g * n_families + family, mask=row_ok, other=0.0)
     carried = _load_rows(parent_carried_ptr, g, family, n_families, dv, row_ok, DV_PAD)
     features = tl.arange(0, DV_PAD)
@@ -212,6 +210,24 @@ def _output_grads(
     return d_carried, d_mass
 
 
+@triton.jit
+def _weighted_tile(
+    q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, lse_ptr, g, tile, n_rows, n_children,
+    n_families, d, scale,
+    B: tl.constexpr, FAMILIES: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr,
+    LEAF: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_family_tile` with the logits turned into weights by the up pass's lse (the passes
+    after it): (q, k, weights, diagonal, local_family, family, child, row_ok, count)."""
+    q, k, logits, diagonal, local_family, family, child, row_ok, count, _ = _family_tile(
+        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, g, tile, n_rows, n_children, n_families, d,
+        scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + g * n_children + child, mask=row_ok, other=float("-inf"))
+    weights = _weights(logits, lse)
+    return q, k, weights, diagonal, local_family, family, child, row_ok, count
+
+
 @triton.autotune(configs=_CONFIGS, key=_TUNING_KEY)
 @triton.jit
 def _backward_up_kernel(
@@ -225,12 +241,10 @@ def _backward_up_kernel(
     """Bottom-up backward step: t_B of the children, dU_A = Σ dU_B and dP_A = Σ t_B."""
     g = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    _, _, logits, diagonal, local_family, _, child, row_ok, _, _ = _family_tile(
-        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, g, tile, n_rows, n_children, n_families, d,
-        scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
+    _, _, weights, diagonal, local_family, _, child, row_ok, _ = _weighted_tile(
+        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, lse_ptr, g, tile, n_rows, n_children,
+        n_families, d, scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
     )  # fmt: skip
-    lse = tl.load(lse_ptr + g * n_children + child, mask=row_ok, other=float("-inf"))
-    weights = _weights(logits, lse)
     v = _load_rows(v_ptr, g, child, n_rows, dv, row_ok, DV_PAD)
     d_carried, d_mass = _output_grads(
         grad_ptr, d_carried_ptr, d_mass_ptr, v, g, child, n_rows, n_children, dv, row_ok, DV_PAD,
@@ -268,12 +282,10 @@ def _backward_down_kernel(
     leaves, dq, dk, dv of the tokens."""
     g = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    q, k, logits, diagonal, _, family, child, row_ok, count, _ = _family_tile(
-        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, g, tile, n_rows, n_children, n_families, d,
-        scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
+    q, k, weights, diagonal, _, family, child, row_ok, count = _weighted_tile(
+        q_ptr, k_ptr, bias_ptr, count_ptr, self_ptr, lse_ptr, g, tile, n_rows, n_children,
+        n_families, d, scale, B, FAMILIES, ROWS, D_PAD, LEAF, CAUSAL, PRECISION,
     )  # fmt: skip
-    lse = tl.load(lse_ptr + g * n_children + child, mask=row_ok, other=float("-inf"))
-    weights = _weights(logits, lse)
     v = _load_rows(v_ptr, g, child, n_rows, dv, row_ok, DV_PAD)
     d_carried, d_mass = _output_grads(
         grad_ptr, d_carried_ptr, d_mass_ptr, v, g, child, n_rows, n_children, dv, row_ok, DV_PAD,
