@@ -147,3 +147,16 @@ def test_split_site_compiles_whole_and_exports_to_onnx(tmp_path):
     torch._dynamo.reset()
     exported = export_onnx(res, (q, k, v, mask), tmp_path / "split.onnx")
     assert exported.path.exists()
+
+
+def test_a_policy_choosing_heads_works_through_the_compile_backend():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, N, D) for _ in range(3))
+    model = Attention()
+    options = {"method": "monarch", "policy": Heads([0, 2]), "block_size": 8, "num_steps": 1}
+    got = torch.compile(model, backend="attnrewrite", options=options)(q, k, v)
+    torch._dynamo.reset()
+    full, exact = approximate("monarch", q, k, v, None, False, False), model(q, k, v)
+    for head in range(HEADS):
+        expected = full if head in (0, 2) else exact
+        torch.testing.assert_close(got[:, head], expected[:, head])
