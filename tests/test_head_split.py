@@ -4,9 +4,11 @@ dim, GQA, causal; refused requests; ONNX export and torch.compile of a split sit
 
 from __future__ import annotations
 
+import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.export import Dim
 
 import attnrewrite
 from attnrewrite.flops import exact_attention_flops, site_flops
@@ -135,18 +137,35 @@ def test_heads_that_cannot_be_honored_are_refused(method, heads, message):
         attnrewrite.rewrite(Attention(), (q, k, v), method=method, policy=Heads(heads))
 
 
-def test_split_site_compiles_whole_and_exports_to_onnx(tmp_path):
+def test_split_site_compiles_whole_and_exports_to_onnx_with_dynamic_shapes(tmp_path):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, HEADS, N, D) for _ in range(3))
     mask = key_mask(1)
+    batch, length = Dim("batch"), Dim("length", min=2, max=4096)
+    dims = {0: batch, 2: length}
+    dynamic = {"q": dims, "k": dims, "v": dims, "mask": {0: batch, 2: length, 3: length}}
     res = attnrewrite.rewrite(
-        Attention(), (q, k, v, mask), method="monarch", policy=Heads([0, 2]), block_size=8
+        Attention(),
+        (q, k, v, mask),
+        method="monarch",
+        policy=Heads([0, 2]),
+        block_size=8,
+        dynamic_shapes=dynamic,
     )
     explained = torch._dynamo.explain(res.module)(q, k, v, mask)
     assert explained.graph_break_count == 0
     torch._dynamo.reset()
-    exported = export_onnx(res, (q, k, v, mask), tmp_path / "split.onnx")
-    assert exported.path.exists()
+    exported = export_onnx(res, (q, k, v, mask), tmp_path / "split.onnx", dynamic_shapes=dynamic)
+    # another batch and length than the export's
+    q, k, v = (torch.randn(3, HEADS, N + 9, D) for _ in range(3))
+    mask = torch.ones(3, 1, N + 9, N + 9, dtype=torch.bool)
+    mask[0, ..., N:] = False
+    session = onnxruntime.InferenceSession(str(exported.path))
+    feed = {
+        name: x.numpy() for name, x in zip(["q", "k", "v", "mask"], (q, k, v, mask), strict=True)
+    }
+    (got,) = session.run(None, feed)
+    torch.testing.assert_close(torch.from_numpy(got), res.module(q, k, v, mask), atol=1e-5, rtol=0)
 
 
 def test_a_policy_choosing_heads_works_through_the_compile_backend():
