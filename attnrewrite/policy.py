@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import OptionError
 from .site import AttentionSite
@@ -16,18 +17,24 @@ class Select:
     """Replace only the sites that match every given criterion.
 
     layers: layer indices (the first integer in the module path, e.g. encoder.layer.3 → 3);
-    names: glob patterns on the module path; min_seq_len: shortest query length worth replacing.
+    names: glob patterns on the module path; min_seq_len: shortest query length worth replacing;
+    heads: replace only these heads of each selected site, the others staying exact (Monarch
+    and HSA; see passes/head_split.py).
     """
 
     layers: Sequence[int] | None = None
     names: Sequence[str] | None = None
     min_seq_len: int | None = None
+    heads: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.names, str):
             raise OptionError("Select(names=...) takes a list of glob patterns, not one string")
         if self.min_seq_len is not None and self.min_seq_len < 0:
             raise OptionError(f"min_seq_len must be ≥ 0, got {self.min_seq_len}")
+
+    def site_options(self, site: AttentionSite) -> dict[str, Any]:
+        return {} if self.heads is None else {"heads": list(self.heads)}
 
     def __call__(self, site: AttentionSite) -> str | None:
         if self.layers is not None and site.layer not in set(self.layers):

@@ -179,3 +179,16 @@ def test_a_policy_choosing_heads_works_through_the_compile_backend():
     for head in range(HEADS):
         expected = full if head in (0, 2) else exact
         torch.testing.assert_close(got[:, head], expected[:, head])
+
+
+def test_select_replaces_the_heads_it_names_in_the_layers_it_names():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, N, D) for _ in range(3))
+    policy = attnrewrite.Select(heads=[3, 1])
+    res = attnrewrite.rewrite(Attention(), (q, k, v), method="hsa", branching=(4, 2), policy=policy)
+    assert res.report.sites[0].options["heads"] == [1, 3]
+    got, full = res.module(q, k, v), approximate("hsa", q, k, v, None, False, False)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    for head in range(HEADS):
+        expected = full if head in (1, 3) else exact
+        torch.testing.assert_close(got[:, head], expected[:, head], atol=0, rtol=0)
