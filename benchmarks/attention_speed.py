@@ -208,22 +208,7 @@ def main() -> None:
         default_lengths += [32768, 65536]
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else default_lengths
     dtypes = [torch.float16, torch.bfloat16] if args.device == "cuda" else [torch.float32]
-    records = []
-    load_before = os.getloadavg()
-    points = [(dtype, n) for dtype in dtypes for n in lengths]
-    for dtype, n in tqdm(points, desc="attention_speed", unit="point"):
-        rounds = args.rounds or (10 if n <= 4096 else 5 if n <= 16384 else 3)
-        skip = {"sdpa", "flash-attn-2"} if n > args.sdpa_max_n else set()
-        for name, row in measure(n, args.device, dtype, rounds, skip, args.threads).items():
-            records.append(
-                {
-                    "method": name,
-                    "n": n,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "block_size": default_block_size(n),
-                    **row,
-                }
-            )
+    records: list[dict] = []
     conditions = {
         "device": torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -231,8 +216,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
         "torch": torch.__version__,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_before": os.getloadavg(),
         "heads": HEADS,
         "head_dim": HEAD_DIM,
         "batch": 1,
@@ -249,7 +233,23 @@ def main() -> None:
     }
     out = Path(args.out) if args.out else RESULTS / f"attention_speed_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"conditions": conditions, "records": records}, indent=2))
+    points = [(dtype, n) for dtype in dtypes for n in lengths]
+    for dtype, n in tqdm(points, desc="attention_speed", unit="point"):
+        rounds = args.rounds or (10 if n <= 4096 else 5 if n <= 16384 else 3)
+        skip = {"sdpa", "flash-attn-2"} if n > args.sdpa_max_n else set()
+        for name, row in measure(n, args.device, dtype, rounds, skip, args.threads).items():
+            records.append(
+                {
+                    "method": name,
+                    "n": n,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "block_size": default_block_size(n),
+                    **row,
+                }
+            )
+        # after every point, so that a run stopped at a time limit keeps what it measured
+        conditions["load_average_after"] = os.getloadavg()
+        out.write_text(json.dumps({"conditions": conditions, "records": records}, indent=2))
     plot(records, out.with_suffix(".png"), f"attention time, {args.device}")
     print(f"\n{'dtype':8} {'N':>6} {'method':14} {'median':>10} {'vs SDPA':>8} {'peak MiB':>9}")
     for r in records:
@@ -258,7 +258,8 @@ def main() -> None:
             f"{r['dtype']:8} {r['n']:>6} {r['method']:14} {r['median_s'] * 1e3:>8.1f}ms "
             f"{speedup:>8} {r['peak_bytes'] / 2**20:>9.1f}"
         )
-    print(f"load average before/after: {load_before} / {conditions['load_average_after']}")
+    before, after = conditions["load_average_before"], conditions["load_average_after"]
+    print(f"load average before/after: {before} / {after}")
     print(f"allocator environment: {conditions['allocator_environment'] or 'default'}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
