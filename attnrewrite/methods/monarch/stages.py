@@ -253,10 +253,11 @@ def _shift_back(grad_q_eff: Tensor, causal: bool) -> Tensor:
 
 
 def _safe_div(x: Tensor, denominator: Tensor) -> Tensor:
-    """x / denominator per row, 0 where the denominator is 0 (a block no query weighs); a NaN
-    denominator stays NaN (a NaN input must not turn into a made-up finite output)."""
-    empty = denominator == 0
-    return torch.where(empty[..., None], 0, x / torch.where(empty, 1, denominator)[..., None])
+    """x / denominator per row, 0 where the denominator is 0 (a block no query weighs, whose x
+    is 0 too); a NaN denominator stays NaN (a NaN input must not turn into a made-up finite
+    output). The reciprocal is taken per row, so the rows see one product."""
+    reciprocal = torch.where(denominator == 0, 0, denominator.reciprocal())
+    return x * reciprocal[..., None]
 
 
 def _sink_weight(diag_lse: Tensor, lse_l: Tensor) -> Tensor:
