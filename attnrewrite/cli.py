@@ -1,6 +1,6 @@
 """The `attnrewrite` command line (also `python -m attnrewrite`).
 
-    attnrewrite onnx IN.onnx OUT.onnx --method monarch --block-size 16
+    attnrewrite onnx IN.onnx OUT.onnx --method monarch --block-size 16 [--layers 1,3,5]
     attnrewrite report IN.onnx --method monarch
     attnrewrite bench IN.onnx OUT.onnx --seq-lens 128 256 512
 
@@ -57,6 +57,34 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    """Select's criteria: which sites to replace (the others are kept and reported)."""
+    parser.add_argument(
+        "--layers",
+        type=lambda text: [int(part) for part in text.split(",")],
+        help="replace only these layers (comma-separated; a site's layer is the first integer "
+        "of its module path, e.g. encoder.layer.3 → 3)",
+    )
+    parser.add_argument(
+        "--names",
+        action="append",
+        metavar="GLOB",
+        help="replace only sites whose module path matches this glob (repeatable)",
+    )
+    parser.add_argument(
+        "--min-seq-len", type=int, help="replace only sites at least this long (query length)"
+    )
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    """The Select the command line asks for, or None for every site."""
+    from .policy import Select
+
+    if args.layers is None and args.names is None and args.min_seq_len is None:
+        return None
+    return Select(layers=args.layers, names=args.names, min_seq_len=args.min_seq_len)
+
+
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options given on the command line; the method checks names and values."""
     return {
@@ -69,7 +97,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 def _rewrite(args: argparse.Namespace, destination: Path) -> Any:
     from .onnx import rewrite_onnx
 
-    return rewrite_onnx(args.input, destination, method=args.method, **_method_options(args))
+    return rewrite_onnx(
+        args.input, destination, method=args.method, policy=_policy(args), **_method_options(args)
+    )
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
@@ -123,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_cmd.add_argument("output", type=Path, help="where to write the rewritten model")
     onnx_cmd.add_argument("--json", help="also write the report as JSON to this file")
     _add_method_options(onnx_cmd)
+    _add_selection(onnx_cmd)
     onnx_cmd.set_defaults(run=_cmd_onnx)
 
     report_cmd = commands.add_parser(
@@ -131,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("input", type=Path, help="the .onnx model to inspect")
     report_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_method_options(report_cmd)
+    _add_selection(report_cmd)
     report_cmd.set_defaults(run=_cmd_report)
 
     bench_cmd = commands.add_parser(

@@ -5,6 +5,7 @@ older than opset 18 upgraded."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 import attnrewrite
+from attnrewrite.cli import EXIT_OK, main
 from attnrewrite.errors import OptionError
 from attnrewrite.methods.monarch import monarch_attention_op
 from attnrewrite.onnx import DOMAIN, export_onnx, rewrite_onnx
@@ -276,3 +278,102 @@ def test_attention_inside_a_subgraph_is_reported(tmp_path):
     report = rewrite_onnx(plain, out, method="monarch", block_size=8)
     (site,) = report.sites
     assert site.status == "kept" and "control-flow node" in site.reason
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class Stack(torch.nn.Module):
+    """Two attention layers, as exported models name them (layers.0, layers.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(Block(), Block())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_sites_are_named_by_module_path_and_a_policy_chooses_among_them(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = Stack().eval(), (torch.randn(2, 16, 16),)
+    plain, out = tmp_path / "plain.onnx", tmp_path / "out.onnx"
+    export_onnx(model, inputs, plain, method="sdpa")
+    report = rewrite_onnx(
+        plain, out, method="monarch", block_size=4, policy=attnrewrite.Select(layers=[1])
+    )
+    assert [(s.name, s.layer, s.status) for s in report.sites] == [
+        ("layers.0", 0, "kept"),
+        ("layers.1", 1, "replaced"),
+    ]
+    assert report.sites[0].reason.startswith("policy: layer 0")
+    expected = attnrewrite.rewrite(
+        model, inputs, method="monarch", block_size=4, policy=attnrewrite.Select(layers=[1])
+    )
+    with torch.no_grad():
+        want = expected.module(*inputs).numpy()
+    np.testing.assert_allclose(run(out, {"x": inputs[0].numpy()})[0], want, atol=1e-5)
+
+
+def test_onnx_rewriting_refuses_policies_that_need_the_pytorch_model(tmp_path):
+    plain = tmp_path / "plain.onnx"
+    export_onnx(Stack().eval(), (torch.randn(1, 8, 16),), plain, method="sdpa")
+    for policy, message in (
+        (attnrewrite.ErrorBudget(0.1), "ErrorBudget measures a PyTorch model"),
+        (attnrewrite.Select(heads=[0]), "per-head replacement needs the PyTorch model"),
+    ):
+        with pytest.raises(OptionError, match=message):
+            rewrite_onnx(plain, tmp_path / "out.onnx", method="monarch", policy=policy)
+
+
+def spelled_out_attention(path, k_len: int, name: str = "") -> None:
+    """softmax(q·kᵀ)·v in four nodes, the last one named `name`, saved to `path`."""
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["y"], name=name),
+    ]
+    shapes = {"q": [1, 2, 9, 4], "k": [1, 2, k_len, 4], "v": [1, 2, k_len, 4]}
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 9, 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_a_softmax_site_the_method_keeps_is_reported_once_with_its_reason(tmp_path):
+    """Cross-attention spelled out: one kept site, not a second 'no attention pattern' entry."""
+    spelled_out_attention(tmp_path / "plain.onnx", k_len=7)
+    report = rewrite_onnx(tmp_path / "plain.onnx", tmp_path / "out.onnx", method="monarch")
+    (site,) = report.sites
+    assert site.status == "kept" and "cross-attention" in site.reason
+
+
+def test_torchscript_style_node_names_give_the_module_path(tmp_path):
+    name = "/encoder/layer.3/attention/self/MatMul_1"
+    spelled_out_attention(tmp_path / "plain.onnx", k_len=9, name=name)
+    report = rewrite_onnx(tmp_path / "plain.onnx", tmp_path / "out.onnx", method="monarch")
+    (site,) = report.sites
+    assert (site.name, site.layer, site.status) == ("encoder.layer.3.attention.self", 3, "replaced")
+
+
+def test_the_command_line_selects_layers(tmp_path):
+    plain, out, report = tmp_path / "plain.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    export_onnx(Stack().eval(), (torch.randn(1, 8, 16),), plain, method="sdpa")
+    argv = ["onnx", str(plain), str(out), "--block-size", "4", "--layers", "0", "--json"]
+    assert main([*argv, str(report)]) == EXIT_OK
+    sites = json.loads(report.read_text())["sites"]
+    assert [(s["name"], s["status"]) for s in sites] == [
+        ("layers.0", "replaced"),
+        ("layers.1", "kept"),
+    ]

@@ -17,6 +17,7 @@ Attention node no rule took.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchFailureError
 
-from ..errors import UnsupportedInputError
+from ..errors import OptionError, UnsupportedInputError
 from ..methods import get_method
+from ..passes.graph_utils import layer_index
+from ..passes.substitute import Policy
 from ..report import Report
 from ..site import AttentionSite
 from .export import _add_functions
@@ -80,30 +83,36 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
 
     def __init__(
         self,
-        source: str,
         method: str,
         options: dict[str, Any],
         report: Report,
         specs: dict[str, FunctionSpec],
+        judged: set[ir.Node],
+        policy: Policy | None,
     ) -> None:
-        super().__init__(name=f"{source}To_{method}")
+        super().__init__(name=f"{type(self).__name__}To_{method}")
         self.method, self.options, self.report, self.specs = method, options, report, specs
+        self.judged, self.policy = judged, policy
         self._spec: FunctionSpec | None = None
         self._site: AttentionSite | None = None
 
     def _judge(
         self,
+        context: Any,
         site: AttentionSite,
         layouts: tuple[TensorLayout, TensorLayout, TensorLayout],
         mask: ir.Value | None,
     ) -> pattern.MatchResult:
         """Accept the site (its function built, reported at `rewrite`) or keep and report it.
 
-        site: with (B, H, S, d) shapes; layouts: of q, k, v as the function takes them."""
+        site: with (B, H, S, d) shapes; layouts: of q, k, v as the function takes them. The
+        matched nodes are one site, whatever the outcome (`_report_untaken` passes over them)."""
+        self.judged.update(context.nodes)
         result = pattern.MatchResult()
         method = get_method(self.method)
         parsed = method.parse_options(self.options)
-        reason = method.unsupported_reason(site, parsed)
+        reason = self.policy(site) if self.policy is not None else None
+        reason = reason or method.unsupported_reason(site, parsed)
         if site.q_len is None or site.k_len is None:
             reason = "dynamic sequence lengths whose equality cannot be proven from the graph"
         if reason:
@@ -144,9 +153,6 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
 
 class SoftmaxAttention(_MethodFunctionRule):
     """softmax(scale · Q Kᵀ + mask) V, spelled out in MatMul, Softmax and MatMul."""
-
-    def __init__(self, method, options, report, specs) -> None:
-        super().__init__("SoftmaxAttention", method, options, report, specs)
 
     def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale):
         key_bhsd = op.Transpose(key, perm=[0, 1, 3, 2])
@@ -190,11 +196,9 @@ class SoftmaxAttention(_MethodFunctionRule):
         if key_format == "BSHd":  # the function takes K as (B, H, S, d)
             key_layout = key_layout.permuted((0, 2, 1, 3))
             key_shape = tuple(key_shape[i] for i in (0, 2, 1, 3))
-        site = AttentionSite(
-            name=value.name or "attention",
-            node=value.name or "",
-            layer=None,
-            spelling="onnx",
+        site = _site_at(
+            context.root,
+            "onnx",
             q_shape=_shape(query),
             k_shape=key_shape,
             v_shape=_shape(value),
@@ -202,7 +206,7 @@ class SoftmaxAttention(_MethodFunctionRule):
         )
         _describe_mask(site, mask)
         layouts = (TensorLayout.of(query), key_layout, TensorLayout.of(value))
-        return self._judge(site, layouts, mask)
+        return self._judge(context, site, layouts, mask)
 
     def rewrite(self, op, query, key, value, mask, key_format, **_):
         if key_format == "BSHd":
@@ -244,11 +248,9 @@ class _AttentionNode:
         attributes = {name: attr.value for name, attr in node.attributes.items()}
         query, key, value = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) > 3 else None
-        site = AttentionSite(
-            name=node.name or node.outputs[0].name or "attention",
-            node=node.outputs[0].name or "",
-            layer=None,
-            spelling="onnx_attention",
+        site = _site_at(
+            node,
+            "onnx_attention",
             is_causal=bool(attributes.get("is_causal", 0)),
             scale=attributes.get("scale"),
         )
@@ -294,9 +296,7 @@ class AttentionOp(_MethodFunctionRule):
     (past_key/past_value, nonpad_kv_seqlen), no softcap, and Y its only used output. (The
     matcher itself passes over a node whose other outputs are used; `rewrite_onnx` reports it.)"""
 
-    def __init__(self, method, options, report, specs) -> None:
-        super().__init__("AttentionOp", method, options, report, specs)
-        self._node: _AttentionNode | None = None
+    _node: _AttentionNode | None = None
 
     def pattern(self, op, query, key, value):
         return op.Attention(
@@ -311,8 +311,9 @@ class AttentionOp(_MethodFunctionRule):
     def check(self, context, out, **_):
         self._node = found = _AttentionNode.of(out.producer())
         if found.reason or found.layouts is None:
+            self.judged.update(context.nodes)
             return self._keep(pattern.MatchResult(), found.site, found.reason or "")
-        return self._judge(found.site, found.layouts, found.mask)
+        return self._judge(context, found.site, found.layouts, found.mask)
 
     def rewrite(self, op, query, key, value, **_):
         found = self._node
@@ -331,10 +332,21 @@ class AttentionOp(_MethodFunctionRule):
         return op.Reshape(op.Transpose(heads_first, perm=[0, 2, 1, 3]), merged)
 
 
-def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: Any) -> Report:
+def rewrite_onnx(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    method: str,
+    policy: Policy | None = None,
+    **options: Any,
+) -> Report:
     """Rewrite the softmax attention of the ONNX model `src` to `method`, write `dst`.
 
     Returns a report like `rewrite()`'s: every matched site replaced or kept with the reason.
+    Sites are named by the module path the exporter recorded (torch.onnx's name scopes, or
+    TorchScript-style /module/path/Op node names), so `policy` (e.g. `Select(layers=[1, 3])`)
+    chooses among them as it does in `rewrite()`; per-site options and heads need the PyTorch
+    model (rewrite it, then `export_onnx`).
     A model older than opset 18 is converted up to it first (onnx's version converter), as the
     functions need, and its model-local functions are inlined (but those of earlier rewrites),
     so attention inside them is found. The result is checked with
@@ -348,12 +360,17 @@ def rewrite_onnx(src: str | Path, dst: str | Path, *, method: str, **options: An
         )
     loaded = _inline_local_functions(_at_least_min_opset(onnx.load(str(src))))  # external data too
     model = ir.from_proto(loaded)
+    _check_onnx_policy(policy)
     report = Report(method=method)
     specs: dict[str, FunctionSpec] = {}
-    rules = [kind(method, options, report, specs) for kind in (SoftmaxAttention, AttentionOp)]
+    judged: set[ir.Node] = set()
+    rules = [
+        kind(method, options, report, specs, judged, policy)
+        for kind in (SoftmaxAttention, AttentionOp)
+    ]
     pattern.RewriteRuleSet([_rule(rule) for rule in rules]).apply_to_model(model)
     RemoveUnusedNodesPass()(model)  # the scale constants of replaced sites
-    _report_untaken(model, report)
+    _report_untaken(model, report, judged)
     proto = ir.to_proto(model)
     _add_functions(proto, specs.values())
     onnx.save(proto, str(dst))
@@ -400,9 +417,53 @@ _FUSED_ATTENTION_OPS = {
 }
 
 
+def _site_at(node: ir.Node, spelling: str, **fields: Any) -> AttentionSite:
+    """A site at `node` (the op whose output is attention's), named by its module path."""
+    path = _module_path(node)
+    return AttentionSite(
+        name=path or node.name or node.outputs[0].name or "attention",
+        node=node.outputs[0].name or "",
+        layer=layer_index(path),
+        spelling=spelling,
+        **fields,
+    )
+
+
+def _module_path(node: ir.Node) -> str:
+    """The module path an exporter recorded for `node`: torch.onnx's name scopes (the innermost
+    module's path, before the op's own name), or a TorchScript-style node name /a/b.0/Op;
+    "" when there is neither."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        return names[-2] if len(names) >= 2 and isinstance(names[-2], str) else ""
+    if node.name and node.name.startswith("/"):
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    return ""
+
+
+def _check_onnx_policy(policy: Policy | None) -> None:
+    """A policy ONNX rewriting can honor: a site → reason callable, without measurements."""
+    if policy is None:
+        return
+    if hasattr(policy, "plan"):
+        raise OptionError(
+            "ErrorBudget measures a PyTorch model: rewrite the model with it, then export the "
+            "result (attnrewrite.onnx.export_onnx); ONNX rewriting takes a Select-like policy"
+        )
+    if getattr(policy, "heads", None) is not None:
+        raise OptionError(
+            "per-head replacement needs the PyTorch model: rewrite it with Select(heads=...), "
+            "then export the result (attnrewrite.onnx.export_onnx)"
+        )
+
+
 def _untaken_site(node: ir.Node) -> AttentionSite | None:
     """The kept site of an attention op no rule took, or None for another op."""
-    site = AttentionSite(name=node.name, node=node.outputs[0].name, layer=None, spelling="onnx")
+    site = _site_at(node, "onnx")
     if node.domain == "" and node.op_type == "Attention":
         found = _AttentionNode.of(node)
         site = found.site
@@ -423,12 +484,11 @@ def _untaken_site(node: ir.Node) -> AttentionSite | None:
     return site
 
 
-def _report_untaken(model: ir.Model, report: Report) -> None:
-    """Report as kept every attention op that no rule matched (nor reported while matching), so
-    that nothing is passed over silently."""
-    reported = {site.node for site in report.sites}
+def _report_untaken(model: ir.Model, report: Report, judged: set[ir.Node]) -> None:
+    """Report as kept every attention op that no rule matched (a rule reports what it judged),
+    so that nothing is passed over silently."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):  # If/Loop/Scan bodies too
-        site = None if node.outputs[0].name in reported else _untaken_site(node)
+        site = None if node in judged else _untaken_site(node)
         if site is not None and node.graph is not model.graph:
             site.keep(
                 f"not rewritten: inside the body {node.graph.name!r} of a control-flow node "
