@@ -192,3 +192,26 @@ def test_select_replaces_the_heads_it_names_in_the_layers_it_names():
     for head in range(HEADS):
         expected = full if head in (1, 3) else exact
         torch.testing.assert_close(got[:, head], expected[:, head], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa_rope"])
+def test_hf_models_take_per_head_replacement(name):
+    """Padding masks (BERT), causal masks with grouped key/value heads and RoPE (Llama): every
+    site splits, and replacing one head of four moves the output less than replacing all."""
+    pytest.importorskip("transformers")
+    from hf_zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == name)
+    model, inputs = entry.build("sdpa"), entry.inputs()
+    one_head = attnrewrite.rewrite(
+        model, example_kwargs=inputs, method="monarch", block_size=4, policy=Heads([0])
+    )
+    every_head = attnrewrite.rewrite(model, example_kwargs=inputs, method="monarch", block_size=4)
+    assert [s.options.get("heads") for s in one_head.report.sites] == [[0]] * 2
+    with torch.no_grad():
+        exact = model(**inputs).last_hidden_state
+        errors = [
+            float((res.module(**inputs).last_hidden_state - exact).norm() / exact.norm())
+            for res in (one_head, every_head)
+        ]
+    assert 0 < errors[0] < errors[1]
