@@ -26,9 +26,11 @@ class Report:
         return [s for s in self.sites if s.status == "kept"]
 
     def summary(self) -> str:
+        partial = [s for s in self.replaced if "heads" in s.options]
+        in_part = f" ({len(partial)} in part: some heads stay exact)" if partial else ""
         return (
             f"{len(self.sites)} attention site(s): {len(self.replaced)} replaced with "
-            f"{self.method}, {len(self.kept)} kept"
+            f"{self.method}{in_part}, {len(self.kept)} kept"
         )
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -91,6 +91,7 @@ def test_chosen_heads_run_the_method_and_the_others_stay_exact(
     )
     (site,) = res.report.replaced
     assert site.options["heads"] == heads
+    assert "1 replaced with " + method + " (1 in part: some heads stay exact)" in str(res.report)
     got = res.module(*inputs)
     full = approximate(method, q, k, v, mask, is_causal, gqa)
     exact = model(*inputs)
