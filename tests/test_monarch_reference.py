@@ -534,6 +534,50 @@ def test_threaded_fast_path_runs_under_autograd_on_long_sequences():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sequences_on_their_own_threads_match_the_reference(causal, monkeypatch):
+    """Long sequences (N·b ≥ 4 chunks, as at N ≥ 8K) run one sequence per thread through every
+    stage (torch_stages.by_sequence); forced here on a short one, with padding, a key mask and
+    gradients, forward and backward against the reference."""
+    monkeypatch.setattr(torch_stages, "CHUNK_ELEMENTS", 1 << 6)
+    shared, share = [], torch_stages._share
+
+    def recorded(count, work, threads):
+        shared.append(work.__qualname__)
+        share(count, work, threads)
+
+    monkeypatch.setattr(torch_stages, "_share", recorded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (x.double().requires_grad_() for x in random_qkv(3, 2, 45, 8))
+        keep = torch.ones(3, 1, 1, 45, dtype=torch.bool)
+        keep[1, ..., 40:] = False
+        out = monarch_attention_op(q, k, v, keep, None, 8, 2, is_causal=causal)
+        expected = monarch_attention_reference(
+            q,
+            k,
+            v,
+            torch.zeros(3, 2, 45, dtype=torch.float64).masked_fill(~keep[:, :, 0], -math.inf),
+            keep[:, :, 0].expand(3, 2, 45).double(),
+            block_size=8,
+            num_steps=2,
+            is_causal=causal,
+        )
+        valid = keep[:, :, 0, :, None].expand(3, 2, 45, 1)
+        torch.testing.assert_close(out * valid, expected * valid, atol=1e-10, rtol=1e-10)
+        grad = torch.randn_like(out) * valid
+        for got, want in zip(
+            torch.autograd.grad(out, (q, k, v), grad),
+            torch.autograd.grad(expected, (q, k, v), grad),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+    assert shared.count("by_sequence.<locals>.one") == 2  # the forward's and the backward's
+
+
 def test_reused_buffers_never_leak_into_a_later_call():
     """The CPU path keeps intermediates from call to call (torch_stages.Workspace) so a later
     call does not page-fault them in anew: results equal fresh buffers bit for bit while shapes,
