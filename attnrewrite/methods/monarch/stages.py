@@ -21,7 +21,10 @@ The reference's cL = Σ_i R (log R − β) equals s·q̃·aL − λR, so the L-u
 L-update: rows q_(l,j), keys aL[j,k], bias βL, P = softmax(s·q·aLᵀ + βL). The last step's output
 is z = P·y; an earlier step feeds the next R-update with [aR | cR] = Pᵀ·[ω q | ω] (per key block
 k) and q̃ = aR / cR (0 where cR = 0). Step 1 starts from q̃ = ω q (L = [k = l]), or in the
-causal variant from the next block's queries (L = [k = l − 1], see reference.py).
+causal variant from the next block's queries (L = [k = l − 1], see reference.py). There q̃ of
+key block k is the L-update's own row k (k + 1 when causal) weighted by ω, so s·q̃·aL is the
+L-update's score of that row for key k before bias: a backend may read it off the score tile
+(`StageOps.folds_diagonal`) instead of computing the rowdot.
 Causal: a diagonal stage (rows q, keys k, values v, causal inside each block) gives D's output
 and lse δ once; every L-update masks k ≥ l and takes the diagonal as a per-row *sink*, one more
 logit δ with value D·v.
