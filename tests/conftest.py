@@ -16,6 +16,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for one test (the CPU paths' threaded branches), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     pytest.importorskip("transformers")

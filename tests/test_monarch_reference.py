@@ -145,6 +145,16 @@ def random_qkv(*shape, dv=None, dtype=torch.float32):
     )
 
 
+def assert_same_gradients(got, expected, inputs, grad_out, **tolerance):
+    """The gradients of `got` and `expected` for `inputs` under `grad_out` agree."""
+    for g, e in zip(
+        torch.autograd.grad(got, inputs, grad_out),
+        torch.autograd.grad(expected, inputs, grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, e, **tolerance)
+
+
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 def test_one_block_and_unit_blocks_are_exact_softmax(n):
     q, k, v = random_qkv(2, 3, n, 8)
@@ -344,13 +354,7 @@ def test_fallback_for_a_query_dependent_mask_is_exact_with_its_gradients():
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
         got = monarch_attention_op(q, k, v, full, None, 4, 2, "post", False, True, causal)
         torch.testing.assert_close(got, expected)
-        grad_out = torch.randn_like(got)
-        for g, e in zip(
-            torch.autograd.grad(got, (q, k, v), grad_out),
-            torch.autograd.grad(expected, (q, k, v), grad_out),
-            strict=True,
-        ):
-            torch.testing.assert_close(g, e)
+        assert_same_gradients(got, expected, (q, k, v), torch.randn_like(got))
 
 
 def test_op_arguments_are_checked():
@@ -466,14 +470,10 @@ def test_op_backward_matches_autograd_of_the_reference():
     mask = torch.ones(1, 1, 1, 12, dtype=torch.bool)
     mask[..., 9:] = False
     out = monarch_attention_op(q, k, v, mask, None, 4, 2, "post")
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
     bias = torch.zeros(1, 1, 12, dtype=torch.float64).masked_fill(~mask[0, 0], -math.inf)
     bias = bias.expand(1, 2, 12)
     ref = monarch_attention_reference(q, k, v, bias, (~torch.isinf(bias)).double(), block_size=4)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    for got, expected in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, expected)
+    assert_same_gradients(out, ref, (q, k, v), torch.randn_like(out))
     assert torch.autograd.gradcheck(
         lambda q_, k_, v_: monarch_attention_op(q_, k_, v_, mask, None, 4, 2, "post"),
         (q, k, v),
@@ -513,29 +513,18 @@ def test_decoder_causal_layers_are_replaced_and_exact_at_one_block():
                 assert torch.isfinite(got).all() and not torch.equal(got, expected)
 
 
-def test_threaded_fast_path_runs_under_autograd_on_long_sequences():
+def test_threaded_fast_path_runs_under_autograd_on_long_sequences(two_threads):
     """Chunks of a long sequence run on pool threads, where grad mode is off by default only in
     the caller: products into preallocated outputs there must not record autograd."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        q, k, v = (x.requires_grad_() for x in random_qkv(1, 2, 2304, 8))
-        out = monarch_attention_op(q, k, v, None, None, 48, 1)
-        expected = monarch_attention_reference(q, k, v, block_size=48, num_steps=1)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-        grad = torch.randn_like(out)
-        for got, want in zip(
-            torch.autograd.grad(out, (q, k, v), grad),
-            torch.autograd.grad(expected, (q, k, v), grad),
-            strict=True,
-        ):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
-    finally:
-        torch.set_num_threads(threads)
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 2, 2304, 8))
+    out = monarch_attention_op(q, k, v, None, None, 48, 1)
+    expected = monarch_attention_reference(q, k, v, block_size=48, num_steps=1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert_same_gradients(out, expected, (q, k, v), torch.randn_like(out), atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_sequences_on_their_own_threads_match_the_reference(causal, monkeypatch):
+def test_sequences_on_their_own_threads_match_the_reference(causal, monkeypatch, two_threads):
     """Long sequences (N·b ≥ 4 chunks, as at N ≥ 8K) run one sequence per thread through every
     stage (torch_stages.by_sequence); forced here on a short one, with padding, a key mask and
     gradients, forward and backward against the reference."""
@@ -547,34 +536,24 @@ def test_sequences_on_their_own_threads_match_the_reference(causal, monkeypatch)
         share(count, work, threads)
 
     monkeypatch.setattr(torch_stages, "_share", recorded)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        q, k, v = (x.double().requires_grad_() for x in random_qkv(3, 2, 45, 8))
-        keep = torch.ones(3, 1, 1, 45, dtype=torch.bool)
-        keep[1, ..., 40:] = False
-        out = monarch_attention_op(q, k, v, keep, None, 8, 2, is_causal=causal)
-        expected = monarch_attention_reference(
-            q,
-            k,
-            v,
-            torch.zeros(3, 2, 45, dtype=torch.float64).masked_fill(~keep[:, :, 0], -math.inf),
-            keep[:, :, 0].expand(3, 2, 45).double(),
-            block_size=8,
-            num_steps=2,
-            is_causal=causal,
-        )
-        valid = keep[:, :, 0, :, None].expand(3, 2, 45, 1)
-        torch.testing.assert_close(out * valid, expected * valid, atol=1e-10, rtol=1e-10)
-        grad = torch.randn_like(out) * valid
-        for got, want in zip(
-            torch.autograd.grad(out, (q, k, v), grad),
-            torch.autograd.grad(expected, (q, k, v), grad),
-            strict=True,
-        ):
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    finally:
-        torch.set_num_threads(threads)
+    q, k, v = (x.double().requires_grad_() for x in random_qkv(3, 2, 45, 8))
+    keep = torch.ones(3, 1, 1, 45, dtype=torch.bool)
+    keep[1, ..., 40:] = False
+    out = monarch_attention_op(q, k, v, keep, None, 8, 2, is_causal=causal)
+    expected = monarch_attention_reference(
+        q,
+        k,
+        v,
+        torch.zeros(3, 2, 45, dtype=torch.float64).masked_fill(~keep[:, :, 0], -math.inf),
+        keep[:, :, 0].expand(3, 2, 45).double(),
+        block_size=8,
+        num_steps=2,
+        is_causal=causal,
+    )
+    valid = keep[:, :, 0, :, None].expand(3, 2, 45, 1)
+    torch.testing.assert_close(out * valid, expected * valid, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(out) * valid
+    assert_same_gradients(out, expected, (q, k, v), grad, atol=1e-10, rtol=1e-10)
     assert shared.count("by_sequence.<locals>.one") == 2  # the forward's and the backward's
 
 

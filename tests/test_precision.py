@@ -109,20 +109,15 @@ def test_no_grad_and_inference_mode_match_grad_mode(fp32_models, method, context
 
 
 @pytest.mark.parametrize(("method", "options"), [("monarch", {}), ("hsa", {"branching": (16, 4)})])
-def test_inference_mode_on_threaded_lengths_and_afterwards(method, options):
+def test_inference_mode_on_threaded_lengths_and_afterwards(method, options, two_threads):
     """Long enough for the Monarch CPU path's worker threads (which run in the caller's
     inference mode: tensors made under it can only be written under it) and its reused buffers
     (made outside it, since later calls write them); both orders, twice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        q, k, v = (torch.randn(1, 4, 2048, 32) for _ in range(3))
-        expected = attnrewrite.attention(q, k, v, method=method, **options)
-        for _ in range(2):
-            with torch.inference_mode():
-                got = attnrewrite.attention(q, k, v, method=method, **options)
-            torch.testing.assert_close(got, expected)
-            again = attnrewrite.attention(q, k, v, method=method, **options)
-            torch.testing.assert_close(again, expected)
-    finally:
-        torch.set_num_threads(threads)
+    q, k, v = (torch.randn(1, 4, 2048, 32) for _ in range(3))
+    expected = attnrewrite.attention(q, k, v, method=method, **options)
+    for _ in range(2):
+        with torch.inference_mode():
+            got = attnrewrite.attention(q, k, v, method=method, **options)
+        torch.testing.assert_close(got, expected)
+        again = attnrewrite.attention(q, k, v, method=method, **options)
+        torch.testing.assert_close(again, expected)
