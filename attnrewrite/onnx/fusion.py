@@ -112,6 +112,8 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
         method = get_method(self.method)
         parsed = method.parse_options(self.options)
         reason = self.policy(site) if self.policy is not None else None
+        if not reason:
+            _refuse_site_options(self.policy, site)
         reason = reason or method.unsupported_reason(site, parsed)
         if site.q_len is None or site.k_len is None:
             reason = "dynamic sequence lengths whose equality cannot be proven from the graph"
@@ -454,10 +456,21 @@ def _check_onnx_policy(policy: Policy | None) -> None:
             "ErrorBudget measures a PyTorch model: rewrite the model with it, then export the "
             "result (attnrewrite.onnx.export_onnx); ONNX rewriting takes a Select-like policy"
         )
-    if getattr(policy, "heads", None) is not None:
+
+
+def _refuse_site_options(policy: Policy | None, site: AttentionSite) -> None:
+    """Per-site options (`site_options`, heads among them) change the op a site calls, which
+    the ONNX functions are not built for: raise with the fix."""
+    chosen = getattr(policy, "site_options", lambda _: {})(site)
+    if "heads" in chosen:
         raise OptionError(
             "per-head replacement needs the PyTorch model: rewrite it with Select(heads=...), "
             "then export the result (attnrewrite.onnx.export_onnx)"
+        )
+    if chosen:
+        raise OptionError(
+            f"per-site options {chosen} need the PyTorch model: rewrite it with the policy, then "
+            "export the result (attnrewrite.onnx.export_onnx)"
         )
 
 
