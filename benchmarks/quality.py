@@ -188,14 +188,14 @@ def jobs(
             (method, options, f"layers {ALTERNATING}", select) for options in options_list
         )
         candidates = options_list[1:3]
-        for budget in budgets:
-            policy = attnrewrite.ErrorBudget(budget, calibration=calibration, candidates=candidates)
-            result.append((method, candidates[0], f"budget {budget}", policy))
-        for budget in per_head_budgets:
+        runs = [(budget, False) for budget in budgets]
+        runs += [(budget, True) for budget in per_head_budgets]
+        for budget, per_head in runs:
             policy = attnrewrite.ErrorBudget(
-                budget, calibration=calibration, candidates=candidates, per_head=True
+                budget, calibration=calibration, candidates=candidates, per_head=per_head
             )
-            result.append((method, candidates[0], f"budget {budget} per head", policy))
+            label = f"budget {budget}" + (" per head" if per_head else "")
+            result.append((method, candidates[0], label, policy))
     return result
 
 
