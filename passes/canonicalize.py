@@ -21,6 +21,7 @@ from . import spellings as sp
 from .graph_utils import (
     constant_value,
     infer_value,
+    is_impure,
     layer_index,
     module_path,
     shape_of,
@@ -526,7 +527,7 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """
     kept_fused = unfuse_attention_calls(gm)
     # a dead user is no user: nn.MultiheadAttention computes weights that callers often drop
-    changed = gm.graph.eliminate_dead_code()
+    changed = gm.graph.eliminate_dead_code(is_impure)
     sites: list[AttentionSite] = []
     erased: set[torch.fx.Node] = set()
     for node in list(gm.graph.nodes):
@@ -562,7 +563,7 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
         sites.append(site)
         changed = True
     if changed:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure)
         gm.graph.lint()
         gm.recompile()
     return sites

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any
 
@@ -60,13 +61,34 @@ def infer_value(node: torch.fx.Node, key: str) -> None:
         node.meta[key] = node.target(*args, **kwargs)
 
 
-def _mutates(node: torch.fx.Node) -> bool:
-    """In-place ops must not run at rewrite time (they would change the module's buffers)."""
+# Python's augmented assignments: on a tensor, `x += y` writes x in place.
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, f"i{name}")
+    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+                 "xor", "lshift", "rshift")
+)  # fmt: skip
+
+
+def mutates(node: torch.fx.Node) -> bool:
+    """Whether a node writes one of its inputs: an op with a mutable schema, an in-place method
+    or function (`x.add_(1)`, `torch.relu_`), or an augmented assignment (`x += 1`)."""
     schema = getattr(node.target, "_schema", None)
     if schema is not None:
         return schema.is_mutable
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.endswith("__")
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination must keep `node` although nothing uses its result.
+
+    FX's own test counts a dead `x.add_(1)`, `torch.relu_(x)` or `x += 1` as pure and would
+    drop it, losing the write (a masked_fill_ on the scores, a buffer update); a module call is
+    kept too, as a module may update its own state.
+    """
+    return node.op == "call_module" or mutates(node) or node.is_impure()
 
 
 def constant_value(node: torch.fx.Node, gm: torch.fx.GraphModule, limit: int = 256) -> Any:
@@ -79,7 +101,7 @@ def constant_value(node: torch.fx.Node, gm: torch.fx.GraphModule, limit: int = 2
         current = stack.pop()
         if current in seen:
             continue
-        if current.op in ("placeholder", "output") or len(seen) >= limit or _mutates(current):
+        if current.op in ("placeholder", "output") or len(seen) >= limit or mutates(current):
             return None
         seen.add(current)
         needed.append(current)

@@ -121,3 +121,33 @@ def test_backend_accepts_policies():
         budget = attnrewrite.ErrorBudget(0.1, calibration=(q, k, v))
         options = {"method": "monarch", "inner": "eager", "policy": budget}
         torch.compile(Two(), backend="attnrewrite", options=options)(q, k, v)
+
+
+def test_backend_keeps_in_place_writes_whose_results_are_unused():
+    """Dynamo's graph spells `h.relu_()`, `torch.relu_(h)` and `self.calls += 1` as nodes whose
+    results nothing uses; FX's dead-code elimination would drop them (and the writes)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.mlp = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            a = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5, -1) @ v
+            h = self.mlp(a.transpose(1, 2).reshape(2, 16, 32))
+            h.relu_()
+            self.calls += 1
+            self.calls.add_(1)
+            return h
+
+    model, x = Block().eval(), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        options = {"method": "sdpa", "inner": "eager"}
+        got = torch.compile(model, backend="attnrewrite", options=options)(x)
+    assert attnrewrite.backend.reports[-1].sites[0].status == "replaced"
+    torch.testing.assert_close(got, expected)
+    assert model.calls.item() == 4
