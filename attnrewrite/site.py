@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # "full": (…, N, N), a key-padding mask only if its rows are equal (checked at run time);
 # "causal_key": a full mask that is causal combined with key padding on the example inputs
@@ -66,6 +67,13 @@ class AttentionSite:
     @property
     def k_len(self) -> int | None:
         return self.k_shape[-2] if self.k_shape else None
+
+    @property
+    def same_length(self) -> bool:
+        """Whether Nq = Nk holds for every input the graph serves, not just the example: two
+        symbolic lengths (dynamic shapes) count only when known equal, since comparing them
+        with `==` would guard them equal and silently fold two dims into one."""
+        return statically_known_true(self.q_len == self.k_len)
 
     def keep(self, reason: str) -> None:
         self.status = "kept"

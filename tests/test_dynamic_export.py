@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import METHOD_OPTIONS, Encoder, encoder_inputs, perturb_adapters
 
 import attnrewrite
@@ -175,3 +176,27 @@ def test_exported_rewrite_saves_loads_and_runs_in_a_fresh_process(exported, meth
     assert len(loaded) == len(expected) == 3  # three lengths through one dynamic program
     for got, want in zip(loaded, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["monarch", "hsa"])
+def test_query_and_key_lengths_of_their_own_stay_apart(method):
+    """Cross-attention whose two lengths are separate dynamic dims, equal on the example: the
+    approximate methods keep it (comparing the symbols with `==` would have guarded them equal,
+    folding two dims into one), and the rewritten module still serves other lengths."""
+
+    class CrossAttention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.randn(2, 4, 12, 8) for _ in range(3))
+    queries, keys = torch.export.Dim("queries", max=64), torch.export.Dim("keys", max=64)
+    res = attnrewrite.rewrite(
+        CrossAttention(),
+        (q, k, v),
+        method=method,
+        dynamic_shapes=({2: queries}, {2: keys}, {2: keys}),
+    )
+    (site,) = res.report.sites
+    assert site.status == "kept" and "not known equal" in site.reason
+    q8 = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(res.module(q8, k, v), CrossAttention()(q8, k, v))

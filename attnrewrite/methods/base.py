@@ -77,8 +77,11 @@ class AttentionMethod(ABC):
         attention dropout, and as many queries as keys (`why` says what needs Nq = Nk)."""
         if site.dropout_p:
             return f"attention dropout p={site.dropout_p} is active; {label} has none"
-        if site.q_len != site.k_len:
-            return f"cross-attention (Nq={site.q_len} ≠ Nk={site.k_len}): {why} and needs Nq = Nk"
+        if not site.same_length:
+            return (
+                f"cross-attention (Nq={site.q_len}, Nk={site.k_len}: not known equal): {why} "
+                "and needs Nq = Nk"
+            )
         return None
 
     @abstractmethod

@@ -59,9 +59,10 @@ class ZeroSMethod(AttentionMethod):
                 f"q has shape {site.q_shape}; a ZeroS adapter has per-head parameters and "
                 "needs the (batch, heads, N, d) layout"
             )
-        if site.is_causal and site.q_len != site.k_len:
+        if site.is_causal and not site.same_length:
             return (
-                f"causal attention with Nq={site.q_len} ≠ Nk={site.k_len} (a KV cache): ZeroS's "
+                f"causal attention with Nq={site.q_len}, Nk={site.k_len} not known equal (a KV "
+                "cache): ZeroS's "
                 "causal form needs Nq = Nk"
             )
         if site.enable_gqa and site.q_shape[1] % site.k_shape[1]:
