@@ -120,4 +120,6 @@ def attention(
     attention_method = get_method(method)
     parsed = attention_method.parse_options(options)
     check_attention_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    if attn_mask is not None and attn_mask.dim() < 2:  # a per-key (Nk,) mask: SDPA wants 2-D
+        attn_mask = attn_mask.reshape(1, -1)
     return attention_method(q, k, v, attn_mask, is_causal, scale, enable_gqa, parsed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -74,6 +75,16 @@ class AttentionSite:
         symbolic lengths (dynamic shapes) count only when known equal, since comparing them
         with `==` would guard them equal and silently fold two dims into one."""
         return statically_known_true(self.q_len == self.k_len)
+
+    @property
+    def mask_requires_grad(self) -> bool:
+        """Whether the graph's mask is trainable (e.g. a bias parameter), where the graph's
+        producer recorded it (torch.export and Dynamo do; symbolic_trace does not)."""
+        mask = self.sdpa.attn_mask if self.sdpa is not None else None
+        if mask is None:
+            return False
+        value = mask.meta.get("val", mask.meta.get("example_value"))
+        return isinstance(value, torch.Tensor) and value.requires_grad
 
     def keep(self, reason: str) -> None:
         self.status = "kept"

@@ -419,6 +419,8 @@ def _emit_sdpa(
             zeros = emit(aten.zeros_like.default, condition, dtype=dtype)
             term = emit(aten.masked_fill.Scalar, zeros, condition, step.fill_value)
             mask = term if mask is None else emit(aten.add.Tensor, mask, term)
+    while mask is not None and tensor_meta(mask).dim() < 2:  # SDPA wants (…, Nq, Nk) masks
+        mask = emit(aten.unsqueeze.default, mask, 0)
     attention = emit(
         aten.scaled_dot_product_attention.default, query, key, value, mask, scale=scale
     )

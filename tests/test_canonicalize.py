@@ -59,6 +59,9 @@ ATTENTION = {
     "additive_mask": lambda m, q, k, v, keep: (
         torch.softmax(q @ k.transpose(-2, -1) / 3.0 + additive(keep), -1) @ v
     ),
+    "per_key_bias_1d": lambda m, q, k, v, keep: (  # (Nk,): SDPA itself takes masks of 2-D up
+        torch.softmax(q @ k.transpose(-2, -1) / 3.0 + additive(keep)[1, 0, 0], -1) @ v
+    ),
     "masked_fill_neg_inf": lambda m, q, k, v, keep: (
         (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
     ),

@@ -396,3 +396,40 @@ def test_kernels_hide_no_nan(method: str, poisoned: int, monkeypatch: pytest.Mon
         kernels = run(KERNEL_DEVICE)
     assert nonfinite_rows(expected).any()
     assert (nonfinite_rows(kernels) >= nonfinite_rows(expected)).all()
+
+
+@pytest.mark.parametrize("method", ["monarch", "hsa"])
+def test_a_mask_that_needs_a_gradient_is_refused_where_none_is_given(method: str):
+    """Monarch and HSA differentiate q, k and v only: a trainable bias must not silently stop
+    training. A mask that needs no gradient (detached, or under no_grad) runs."""
+    q, k, v = (x.requires_grad_() for x in qkv())
+    bias = torch.zeros(16, requires_grad=True)  # (Nk,): also SDPA's shape rule, which wants 2-D
+    options = SOFTMAX_METHODS[method]
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="no gradient for attn_mask"):
+        attnrewrite.attention(q, k, v, bias, method=method, **options)
+    with torch.no_grad():
+        attnrewrite.attention(q, k, v, bias, method=method, **options)
+    attnrewrite.attention(q, k, v, bias.detach(), method=method, **options).sum().backward()
+    assert q.grad is not None
+    attnrewrite.attention(q, k, v, bias, method="sdpa").sum().backward()
+    assert bias.grad is not None
+
+
+@pytest.mark.parametrize("method", ["monarch", "hsa"])
+def test_rewrite_keeps_a_site_whose_mask_trains(method: str):
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(16))
+            self.proj = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).chunk(3, -1)
+            return torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + self.bias, -1) @ v
+
+    model, x = Biased(), torch.randn(2, 1, 16, 8)
+    res = attnrewrite.rewrite(model, (x,), method=method, **SOFTMAX_METHODS[method])
+    (site,) = res.report.sites
+    assert site.status == "kept" and "mask is trainable" in site.reason
+    res.module(x).sum().backward()
+    assert model.bias.grad is not None and model.bias.grad.abs().sum() > 0

@@ -74,9 +74,12 @@ class AttentionMethod(ABC):
 
     def tiling_reason(self, site: AttentionSite, label: str, why: str) -> str | None:
         """The shared preconditions of methods that tile queries and keys alike: no active
-        attention dropout, and as many queries as keys (`why` says what needs Nq = Nk)."""
+        attention dropout, no trainable mask (their ops give no mask gradient), and as many
+        queries as keys (`why` says what needs Nq = Nk)."""
         if site.dropout_p:
             return f"attention dropout p={site.dropout_p} is active; {label} has none"
+        if site.mask_requires_grad:
+            return f"the mask is trainable (it requires grad); {label} gives no gradient for it"
         if not site.same_length:
             return (
                 f"cross-attention (Nq={site.q_len}, Nk={site.k_len}: not known equal): {why} "

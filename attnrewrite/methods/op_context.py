@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import torch
 
+from ..errors import UnsupportedInputError
+
 F = TypeVar("F", bound=Callable)
 
 _AUTOGRAD_KEYS = [
@@ -50,3 +52,18 @@ def autograd_inside_op() -> Iterator[None]:
     include = torch._C._dispatch_tls_local_include_set()
     with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
         yield
+
+
+def save_sdpa_like_inputs(method: str, ctx, inputs: tuple) -> None:
+    """`setup_context` of an op with SDPA's arguments (q, k, v, attn_mask, options…) whose
+    backward gives gradients for q, k and v only: saves them, and refuses a mask that needs a
+    gradient (a trainable bias) rather than leave it silently untrained."""
+    q, k, v, attn_mask, *options = inputs
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise UnsupportedInputError(
+            f"{method} gives no gradient for attn_mask, and this mask requires one (a trainable "
+            "bias?): detach it if it is not meant to train, or use method='sdpa' for this site"
+        )
+    ctx.has_mask = attn_mask is not None
+    ctx.save_for_backward(q, k, v, *([attn_mask] if ctx.has_mask else []))
+    ctx.options = tuple(options)

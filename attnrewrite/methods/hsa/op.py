@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
-from ..op_context import autocast_off, autograd_inside_op
+from ..op_context import autocast_off, autograd_inside_op, save_sdpa_like_inputs
 from .reference import check_branching, hierarchy, hsa_attention_reference
 
 TRITON_CPU_VARIABLE = "ATTNREWRITE_TRITON_CPU"
@@ -179,10 +179,7 @@ def _(grad_out, q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, *options = inputs
-    ctx.has_mask = attn_mask is not None
-    ctx.save_for_backward(q, k, v, *([attn_mask] if ctx.has_mask else []))
-    ctx.options = tuple(options)
+    save_sdpa_like_inputs("HSA", ctx, inputs)
 
 
 def _backward(ctx, grad_out):

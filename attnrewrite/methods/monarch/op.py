@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ...errors import UnsupportedInputError
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
-from ..op_context import autocast_off
+from ..op_context import autocast_off, save_sdpa_like_inputs
 from .reference import default_block_size
 from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
 from .torch_stages import TorchStageOps, by_sequence, parallel_stage_ops
@@ -280,10 +280,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, *options = inputs
-    ctx.has_mask = attn_mask is not None
-    ctx.save_for_backward(q, k, v, *([attn_mask] if ctx.has_mask else []))
-    ctx.options = tuple(options)
+    save_sdpa_like_inputs("MonarchAttention", ctx, inputs)
 
 
 def _backward(ctx, grad_out):
