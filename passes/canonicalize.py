@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..site import AttentionSite
 from . import spellings as sp
@@ -471,9 +472,22 @@ def _is_exactly_causal(mask: Any, q_len: int, k_len: int) -> bool:
     return bool((mask.masked_fill(~keep, 0) == 0).all() and (masked == ~keep).all())
 
 
+def _broadcasts_into(dims: tuple, target: tuple) -> bool:
+    """Whether batch dims `dims` differ from `target` and broadcast to it (sizes 1 or known
+    equal; never guards on a symbolic size)."""
+    if len(dims) > len(target) or (
+        len(dims) == len(target)
+        and all(statically_known_true(a == b) for a, b in zip(dims, target, strict=True))
+    ):
+        return False
+    aligned = zip(dims, target[len(target) - len(dims) :], strict=True)
+    return all(a == 1 or statically_known_true(a == b) for a, b in aligned)
+
+
 def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node:
-    """Make an SDPA node say what it computes: constant causal masks become is_causal=True and
-    key/value heads repeated for grouped-query attention become enable_gqa=True."""
+    """Make an SDPA node say what it computes: constant causal masks become is_causal=True,
+    key/value heads repeated for grouped-query attention become enable_gqa=True, and keys and
+    values that broadcast over q's batch dims are expanded to them."""
     args = sp.sdpa_arguments(node)
     query, key, value, mask = args.query, args.key, args.value, args.attn_mask
     is_causal, enable_gqa = args.is_causal, args.enable_gqa
@@ -495,6 +509,15 @@ def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node
             return emit(aten.squeeze.dim, source, -3) if unit_dim else source
 
         key, value, enable_gqa, changed = heads(repeated_key), heads(repeated_value), True, True
+    if not enable_gqa and known_lengths and _broadcasts_into(k_shape[:-2], q_shape[:-2]):
+        # SDPA broadcasts k and v over q's batch dims (multi-query attention spelled so): the
+        # canonical form has them expanded (views), so every method sees q's batch dims.
+        lead = [
+            size if isinstance(size, int) else emit(aten.sym_size.int, query, i)
+            for i, size in enumerate(q_shape[:-2])
+        ]
+        key, value = (emit(aten.expand.default, x, [*lead, -1, -1]) for x in (key, value))
+        changed = True
     if not changed:
         return node
     refined = emit(

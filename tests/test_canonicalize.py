@@ -319,3 +319,24 @@ def test_multihead_attention_module_is_found_through_rewrite():
     assert [s.status for s in res.report.sites] == ["replaced"]
     assert res.report.sites[0].name == "mha" and res.report.sites[0].mask == "key"
     torch.testing.assert_close(run(res.module, (x, padding)), run(Block().eval(), (x, padding)))
+
+
+@pytest.mark.parametrize("kv_batch", [(B, 1), (1, 1), (1, H)])
+def test_keys_and_values_broadcast_over_query_batch_dims_are_expanded(kv_batch):
+    """SDPA broadcasts k and v over q's batch dims (multi-query attention spelled so, as in
+    Falcon): the canonical site has them expanded, so the methods see q's batch dims. With
+    block_size = N Monarch is exact, so the rewritten module must match SDPA."""
+
+    class Broadcast(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(B, H, N, D)
+    k, v = torch.randn(*kv_batch, N, D), torch.randn(*kv_batch, N, D)
+    expected = Broadcast()(q, k, v)
+    for how, model in captures(Broadcast(), (q, k, v)):
+        for method, options in (("sdpa", {}), ("monarch", {"block_size": N})):
+            res = attnrewrite.rewrite(model, (q, k, v), method=method, **options)
+            (site,) = res.report.sites
+            assert site.status == "replaced" and site.k_shape == (B, H, N, D), (how, site)
+            torch.testing.assert_close(run(res.module, (q, k, v)), expected, atol=1e-5, rtol=1e-5)
