@@ -85,9 +85,15 @@ def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, 
                     site.mask = max(site.mask, kind, key=rank.__getitem__)
             return value
 
-    for args, kwargs in calls:
-        with torch.no_grad():
-            Probe(gm).run(*fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec))
+    # The run must leave no trace: buffers (shared with the user's model: BatchNorm statistics,
+    # counters, caches), the example inputs and the random stream stay as they were.
+    saved = {name: buffer.clone() for name, buffer in gm.named_buffers()}
+    with torch.no_grad(), torch.random.fork_rng():
+        for args, kwargs in calls:
+            inputs = fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
+            Probe(gm).run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs))
+        for name, buffer in gm.named_buffers():
+            buffer.copy_(saved[name])
 
 
 def capture(

@@ -148,3 +148,35 @@ def test_hsa_on_alternating_layers_through_select():
     )
     assert [s.status for s in res.report.sites] == ["kept", "replaced"]
     assert res.report.sites[1].method == "hsa"
+
+
+def test_rewrite_leaves_the_model_state_inputs_and_random_stream_as_they_were():
+    """A full (…, N, N) mask is classified by running the captured graph once on the example
+    inputs; that run must not update the model's buffers (shared with the graph), write the
+    inputs, or draw from the random stream."""
+
+    class Stateful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+            self.norm = torch.nn.BatchNorm1d(8)
+
+        def forward(self, q, k, v, mask):
+            self.calls.add_(1)
+            q = self.norm(q.flatten(0, 2)).view_as(q) + F.dropout(q, 0.1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool).tril()
+    model = Stateful().train()
+    state = {name: x.clone() for name, x in model.state_dict().items()}
+    inputs = [x.clone() for x in (q, k, v, mask)]
+    torch.manual_seed(0)
+    attnrewrite.rewrite(model, (q, k, v, mask), method="monarch")
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(3))
+    for name, x in model.state_dict().items():
+        assert torch.equal(x, state[name]), name
+    for x, y in zip((q, k, v, mask), inputs, strict=True):
+        assert torch.equal(x, y)
