@@ -172,6 +172,38 @@ def test_onnx_look_alike_is_kept(tmp_path):
     np.testing.assert_array_equal(run(out, feed)[0], run(plain, feed)[0])
 
 
+class ThreeDimensionalKeys(torch.nn.Module):
+    """Kᵀ through a 3-D round trip: Reshape, Transpose(0, 2, 1), Reshape. Per head when k is
+    (B, H, S, d) (attention); across heads and tokens when k is (B, S, H, d) and H = S
+    (a look-alike whose shapes agree)."""
+
+    def __init__(self, per_head: bool):
+        super().__init__()
+        self.per_head = per_head
+
+    def forward(self, q, k, v):
+        b, h, s, d = q.shape
+        if self.per_head:
+            keys_t = k.reshape(b * h, s, d).transpose(1, 2).reshape(b, h, d, s)
+        else:
+            keys_t = k.reshape(b, s, h * d).transpose(1, 2).reshape(b, h, d, s)
+        return torch.softmax(q @ keys_t * d**-0.5, -1) @ v
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_onnx_keys_transposed_through_3d_reshapes(per_head, tmp_path):
+    q, k, v = (torch.randn(2, 4, 4, 8) for _ in range(3))
+    plain = tmp_path / "keys.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ThreeDimensionalKeys(per_head), (q, k, v), plain, dynamo=True)
+    out = tmp_path / "out.onnx"
+    report = rewrite_onnx(plain, out, method="monarch", block_size=4)  # b = N: exact
+    assert [s.status for s in report.sites] == ["replaced" if per_head else "kept"]
+    got = run(out, {"q": q, "k": k, "v": v})[0]
+    np.testing.assert_allclose(got, ThreeDimensionalKeys(per_head)(q, k, v), atol=1e-5)
+
+
 def test_hsa_export_with_dynamic_length(tmp_path):
     entry = next(e for e in ZOO if e.name == "bert")
     model, inputs = entry.build("eager"), entry.inputs()

@@ -159,7 +159,9 @@ class SoftmaxAttention(_MethodFunctionRule):
     def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale):
         key_bhsd = op.Transpose(key, perm=[0, 1, 3, 2])
         key_3d = op.Reshape(
-            op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE
+            op.Transpose(op.Reshape(key, pattern.ANY_VALUE, _outputs=["key_3d"]), perm=[0, 2, 1]),
+            pattern.ANY_VALUE,
+            _outputs=["key_3d_transposed"],
         )
         key_bshd = op.Transpose(key, perm=[0, 2, 3, 1])
         key_transposed = pattern.OrValue(
@@ -194,6 +196,9 @@ class SoftmaxAttention(_MethodFunctionRule):
             scale = scale * factor if kind == "Mul" else scale / factor
         if any(v.shape is None or len(v.shape) != 4 for v in (query, key, value)):
             return result.fail("query, key and value must be rank-4 with known ranks")
+        round_trip = bindings.get("key_3d"), bindings.get("key_3d_transposed")
+        if round_trip[0] is not None and not _is_per_head_transpose(key, *round_trip):
+            return result.fail("the key's reshapes do not transpose each head's (S, d) matrix")
         key_layout, key_shape = TensorLayout.of(key), _shape(key)
         if key_format == "BSHd":  # the function takes K as (B, H, S, d)
             key_layout = key_layout.permuted((0, 2, 1, 3))
@@ -214,6 +219,21 @@ class SoftmaxAttention(_MethodFunctionRule):
         if key_format == "BSHd":
             key = op.Transpose(key, perm=[0, 2, 1, 3])
         return self._call(op, query, key, value, mask)
+
+
+def _is_per_head_transpose(key: ir.Value, flat: ir.Value, transposed: ir.Value) -> bool:
+    """Whether Reshape → Transpose(0, 2, 1) → Reshape turns key (B, H, S, d) into Kᵀ
+    (B, H, d, S): the 3-D form must keep each head's (S, d) rows, and the result must read
+    (B, H, d, S). Any other pair of reshapes (e.g. of a (B, S, H, d) key) mixes heads and
+    tokens; unknown shapes prove nothing."""
+    if flat.shape is None or transposed.shape is None or len(flat.shape) != 3:
+        return False
+    batch, heads, length, width = _shape(key)
+    dims = (*_shape(flat), *_shape(transposed))
+    if None in dims or None in (batch, heads, length, width):
+        return False
+    per_head = _shape(flat)[1:] == (length, width)
+    return per_head and _shape(transposed) == (batch, heads, width, length)
 
 
 def _heads_first(value: ir.Value, heads: int | None) -> tuple[tuple, TensorLayout]:
