@@ -543,6 +543,23 @@ FUSED_MHA_REASON = (
 )
 
 
+def _softmax_modules_as_calls(gm: torch.fx.GraphModule) -> bool:
+    """nn.Softmax calls (leaves in symbolic_trace graphs) become torch.softmax calls, which the
+    matcher reads; one with dim=None (PyTorch's legacy implicit dim) stays as it is."""
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_module")):
+        module = gm.get_submodule(str(node.target))
+        if type(module) is not torch.nn.Softmax or module.dim is None:
+            continue
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(torch.softmax, (node.args[0], module.dim))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Rewrite every provable attention region of `gm` into SDPA; report every candidate site.
 
@@ -551,8 +568,9 @@ def canonicalize(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     those that stay whole are reported as kept.
     """
     kept_fused = unfuse_attention_calls(gm)
+    changed = _softmax_modules_as_calls(gm)
     # a dead user is no user: nn.MultiheadAttention computes weights that callers often drop
-    changed = gm.graph.eliminate_dead_code(is_impure)
+    changed |= gm.graph.eliminate_dead_code(is_impure)
     sites: list[AttentionSite] = []
     erased: set[torch.fx.Node] = set()
     for node in list(gm.graph.nodes):
