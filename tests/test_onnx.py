@@ -204,6 +204,50 @@ def test_onnx_keys_transposed_through_3d_reshapes(per_head, tmp_path):
     np.testing.assert_allclose(got, ThreeDimensionalKeys(per_head)(q, k, v), atol=1e-5)
 
 
+class SelfAttentionBlock(torch.nn.Module):
+    """A BERT-style block: heads split from one projection, Hugging Face's additive mask."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.project = heads, torch.nn.Linear(width, 3 * width)
+        self.scale = (width // heads) ** -0.5
+
+    def forward(self, x, keep):
+        b, n, width = x.shape
+        q, k, v = self.project(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = (1.0 - keep[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        scores = q @ k.transpose(-2, -1) * self.scale + mask
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, n, width)
+
+
+def block_inputs(batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.ones(batch, n, dtype=torch.long)
+    keep[-1, n - n // 3 :] = 0
+    return torch.randn(batch, n, 16), keep
+
+
+def test_onnx_to_onnx_rewrite_of_a_torchscript_export(tmp_path):
+    """The TorchScript exporter (dynamo=False) records no intermediate shapes: rewrite_onnx
+    infers them, finds the site, and the result follows other shapes like the torch rewrite."""
+    model, plain = SelfAttentionBlock().eval(), tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, block_inputs(2, 24), plain, dynamo=False, input_names=["x", "keep"],
+            dynamic_axes={"x": {0: "batch", 1: "n"}, "keep": {0: "batch", 1: "n"}},
+        )  # fmt: skip
+    out = tmp_path / "out.onnx"
+    assert [s.status for s in rewrite_onnx(plain, out, method="monarch", block_size=4).sites] == [
+        "replaced"
+    ]
+    for batch, n in ((1, 7), (3, 33)):
+        x, keep = block_inputs(batch, n)
+        torch_rewrite = attnrewrite.rewrite(model, (x, keep), method="monarch", block_size=4)
+        with torch.no_grad():
+            expected = torch_rewrite.module(x, keep)
+        np.testing.assert_allclose(run(out, {"x": x, "keep": keep})[0], expected, atol=1e-5)
+
+
 def test_hsa_export_with_dynamic_length(tmp_path):
     entry = next(e for e in ZOO if e.name == "bert")
     model, inputs = entry.build("eager"), entry.inputs()

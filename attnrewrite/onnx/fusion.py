@@ -354,6 +354,15 @@ class AttentionOp(_MethodFunctionRule):
         return op.Reshape(op.Transpose(heads_first, perm=[0, 2, 1, 3]), merged)
 
 
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with onnx's shape inference filled in (sizes computed by Shape → Reshape chains
+    included); as it was where inference fails (e.g. a model past protobuf's 2 GB)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return model
+
+
 def rewrite_onnx(
     src: str | Path,
     dst: str | Path,
@@ -369,6 +378,8 @@ def rewrite_onnx(
     TorchScript-style /module/path/Op node names), so `policy` (e.g. `Select(layers=[1, 3])`)
     chooses among them as it does in `rewrite()`; per-site options and heads need the PyTorch
     model (rewrite it, then `export_onnx`).
+    Shapes the file does not record (the TorchScript exporter records only the graph's inputs
+    and outputs) are inferred first: the rules read q, k, v shapes.
     A model older than opset 18 is converted up to it first (onnx's version converter), as the
     functions need, and its model-local functions are inlined (but those of earlier rewrites),
     so attention inside them is found. The result is checked with
@@ -381,7 +392,7 @@ def rewrite_onnx(
             f"{', '.join(sorted(METHOD_SPECS))}"
         )
     loaded = _inline_local_functions(_at_least_min_opset(onnx.load(str(src))))  # external data too
-    model = ir.from_proto(loaded)
+    model = ir.from_proto(_with_inferred_shapes(loaded))
     _check_onnx_policy(policy)
     report = Report(method=method)
     specs: dict[str, FunctionSpec] = {}
