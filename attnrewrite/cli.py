@@ -14,9 +14,13 @@ import dataclasses
 import json
 import sys
 import tempfile
+import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
 from .errors import AttnRewriteError, OptionError
 from .methods import METHODS
@@ -24,13 +28,28 @@ from .methods import METHODS
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _int_list(text: str) -> list[int]:
+    """Comma-separated integers ("16,4"; "" or "()" for none), for argparse."""
+    parts = [part.strip() for part in text.strip().strip("()").split(",") if part.strip()]
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 16,4, got {text!r}"
+        ) from None
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(_int_list(text))
+
+
 def _option_parser(annotation: Any):
     """A string → value converter for a method option's type (int, str, tuples of ints)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if args else annotation
-    if typing.get_origin(base) is tuple:
-        return lambda text: tuple(int(part) for part in text.split(","))
-    return base if base in (int, float, str) else str
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        return _int_tuple
+    return annotation if annotation in (int, float, str) else str
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +80,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     """Select's criteria: which sites to replace (the others are kept and reported)."""
     parser.add_argument(
         "--layers",
-        type=lambda text: [int(part) for part in text.split(",")],
+        type=_int_list,
         help="replace only these layers (comma-separated; a site's layer is the first integer "
         "of its module path, e.g. encoder.layer.3 → 3)",
     )
@@ -187,12 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for path in (getattr(args, name, None) for name in ("input", "original", "rewritten")):
-        if path is not None and not path.exists():
-            print(f"attnrewrite: error: {path} does not exist", file=sys.stderr)
+        if path is not None and not path.is_file():
+            why = "is a directory" if path.is_dir() else "does not exist"
+            print(f"attnrewrite: error: {path} {why}; give an .onnx file", file=sys.stderr)
             return EXIT_USAGE
     try:
         return args.run(args)
     except (OptionError, ValueError) as error:
+        print(f"attnrewrite: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DecodeError, InvalidProtobuf) as error:  # onnx / onnxruntime read a non-model
+        print(f"attnrewrite: error: not an ONNX model ({error})", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # e.g. an output path that cannot be written
         print(f"attnrewrite: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except AttnRewriteError as error:

@@ -98,3 +98,28 @@ def test_python_dash_m_and_help():
     )
     assert result.returncode == 0
     assert "--block-size" in result.stdout and "--method" in result.stdout
+
+
+def test_unreadable_inputs_and_outputs_exit_2_with_a_message(small_onnx, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    cases = [
+        (["onnx", str(corrupt), str(tmp_path / "o.onnx")], "not an ONNX model"),
+        (["onnx", str(tmp_path), str(tmp_path / "o.onnx")], "is a directory"),
+        (["onnx", str(small_onnx), str(tmp_path)], "Is a directory"),
+        (["bench", str(corrupt), str(small_onnx)], "not an ONNX model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == EXIT_USAGE, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_tuple_options_and_layer_lists_parse(small_onnx, tmp_path, capsys):
+    out = tmp_path / "hsa.onnx"
+    argv = ["onnx", str(small_onnx), str(out), "--method", "hsa", "--branching", "4,2"]
+    assert main(argv) == EXIT_OK
+    assert "branching=(4, 2)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        main(["onnx", str(small_onnx), str(out), "--layers", "a,b"])
+    assert exit_code.value.code == EXIT_USAGE
+    assert "comma-separated integers" in capsys.readouterr().err
