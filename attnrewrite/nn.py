@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OptionError
+from .errors import OptionError, UnsupportedInputError
 from .methods.zeros.op import zeros_attention
 
 __all__ = ["ZeroSAttention", "apply_rope", "deviation_logits"]
@@ -74,9 +74,17 @@ class ZeroSAttention(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if not isinstance(value, int) or value < 1:
+        sizes = (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim))
+        for name, value in sizes:
+            if name == "head_dim" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(f"{name} must be a positive int, got {value!r}")
+        for name, flag in (("is_causal", is_causal), ("rope", rope), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise OptionError(f"{name} must be a bool, got {flag!r}")
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or rope_base <= 1:
+            raise OptionError(f"rope_base must be a number > 1 (RoPE's θ base), got {rope_base!r}")
         if head_dim is None:
             if dim % num_heads:
                 raise OptionError(
@@ -103,6 +111,13 @@ class ZeroSAttention(nn.Module):
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """key_padding_mask: (B, N) bool, True = a real token (padding is excluded everywhere)."""
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]
+        ):
+            raise UnsupportedInputError(
+                f"key_padding_mask must be a (B, N) = {tuple(x.shape[:2])} bool tensor (True = a "
+                f"real token), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
         q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)

@@ -533,6 +533,20 @@ def test_layer_options_are_checked():
         ZeroSAttention(30, 4)
     with pytest.raises(attnrewrite.OptionError, match="even head_dim"):
         ZeroSAttention(30, 2, head_dim=5, rope=True)
+    bad = [
+        ({"num_heads": True}, "num_heads must be a positive int, got True"),
+        ({"head_dim": 0}, "head_dim must be a positive int, got 0"),
+        ({"head_dim": 4.0}, "head_dim must be a positive int, got 4.0"),
+        ({"is_causal": "yes"}, "is_causal must be a bool"),
+        ({"rope": True, "rope_base": -1.0}, "rope_base must be a number > 1"),
+    ]
+    for change, message in bad:
+        with pytest.raises(attnrewrite.OptionError, match=message):
+            ZeroSAttention(**{"dim": 16, "num_heads": 2, **change})
+    layer, x = ZeroSAttention(16, 2), torch.randn(2, 5, 16)
+    for mask in (torch.ones(2, 5), torch.ones(5, dtype=torch.bool)):
+        with pytest.raises(attnrewrite.UnsupportedInputError, match=r"must be a \(B, N\)"):
+            layer(x, mask)
 
 
 # Rewriting pretrained attention: the adapter and the method ---------------------------------------
