@@ -415,9 +415,11 @@ def _fused_forward_kernel(
     bias = tl.where(present, 0.0, float("-inf"))  # β in log2 units, per key [k, i]
     if HAS_BIAS:
         bias = tl.load(KEY_BIAS + g * n + token, mask=present, other=float("-inf")) * LOG2E
-    valid = present
+    valid = present  # ω (stages._taking_part): in a slot with no valid query, every present one
     if HAS_VALID:
         valid = present & (tl.load(QUERY_VALID + g * n + token, mask=present, other=0) != 0)
+        unread = tl.max(valid.to(tl.int32), axis=0) == 0  # [j]
+        valid = valid | (present & unread[None, :])
     qk_scale = scale * LOG2E
     keys_t = tl.permute(keys, (0, 2, 1))
     no_sink = tl.full([BM, BB], float("-inf"), tl.float32)
@@ -436,7 +438,8 @@ def _fused_forward_kernel(
         following = following & (token + block >= 0) & (token + block < n)
         if HAS_VALID:
             following = following & (
-                tl.load(QUERY_VALID + g * n + token + block, mask=following, other=0) != 0
+                (tl.load(QUERY_VALID + g * n + token + block, mask=following, other=0) != 0)
+                | unread[None, :]
             )
         q_eff = _load_tokens(Q, g, token + block, following, n, features, head_dim)
     q_slot = tl.permute(q, (1, 0, 2))

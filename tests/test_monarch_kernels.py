@@ -95,6 +95,7 @@ STAGE_CASES = [
         1, 13, 4, 3, "pre", True, (0, 5), id="causal-mask-prepad-T3", marks=pytest.mark.slow
     ),
     pytest.param(1, 11, 4, 2, "pre", False, (1, 2, 3, 4), id="empty-key-block"),
+    pytest.param(1, 9, 4, 2, "pre", True, (0, 4, 8), id="unread-slot-causal"),
     pytest.param(1, 45, 20, 2, "post", True, (3,), id="b20-two-tiles", marks=pytest.mark.slow),
     pytest.param(1, 70, 4, 1, "post", True, (), id="M18-two-tiles", marks=pytest.mark.slow),
 ]
@@ -139,6 +140,10 @@ FUSED_CASES = [
     (12, 3, 2, "pre", True, (0,)),
     (7, 1, 2, "post", True, ()),
     (200, 14, 2, "pre", True, (3,)),
+    # slot 1 masked in every block: its R rows serve masked queries only, which then shape them
+    (8, 4, 2, "post", False, (1, 5)),
+    (9, 4, 2, "pre", True, (0, 4, 8)),
+    (4, 4, 2, "post", False, (2,)),  # one block: exact on every row, the masked one's too
 ]
 
 

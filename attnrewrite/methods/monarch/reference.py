@@ -15,7 +15,10 @@ softmax over key blocks k and R a softmax over key slots i. MonarchAttention max
 paper's mask-free updates are the special case β = 0. With a bias the derivation is unchanged:
 the linear term Σ L R β splits into a per-key term for R and Σ_i R β for L. ω is 1 for real,
 unmasked query positions and 0 for padding and masked positions, so those drop out of the
-R-update (their outputs are still computed). A key block with no valid key gets R = 0 and zero
+R-update (their outputs are still computed): outputs do not depend on padding. The exception:
+in a slot j with no unmasked query, ω = 1 for every real position, since R[·,j,·] then serves
+masked queries only; so b ≥ N is exact on every row, a masked query's too (SDPA gives it its
+attention over the unmasked keys). A key block with no valid key gets R = 0 and zero
 L weight, so every output is finite. b = N and b = 1 are exact softmax attention.
 
 Causal variant (ours; the paper has none). Query (l, j) may see key (k, i) only if
@@ -120,12 +123,13 @@ def monarch_attention_reference(
         if query_weight is None
         else query_weight.reshape(groups, n).to(stats)
     )
+    present = torch.ones(groups, n, device=q.device, dtype=stats)
     if n_pad:
         front = n_pad if pad == "pre" else 0
         back = n_pad - front
         qf, kf, vf = (F.pad(x, (0, 0, front, back)) for x in (qf, kf, vf))
         beta = F.pad(beta, (front, back), value=-math.inf)
-        omega = F.pad(omega, (front, back), value=0.0)
+        omega, present = (F.pad(x, (front, back), value=0.0) for x in (omega, present))
 
     # Blocked views: [g, block, slot, feature]. Queries are indexed (l, j), keys (k, i).
     qb = qf.view(groups, m, b, d)
@@ -133,6 +137,9 @@ def monarch_attention_reference(
     vb = vf.view(groups, m, b, dv)
     beta_b = beta.view(groups, m, b)
     omega_jl = omega.view(groups, m, b).transpose(1, 2)  # [g, j, l]
+    unread = (omega_jl == 0).all(dim=-1, keepdim=True)  # slots no unmasked query reads
+    present_jl = present.view(groups, m, b).transpose(1, 2) > 0
+    omega_jl = torch.where(unread & present_jl, 1.0, omega_jl)
     empty_block = torch.isneginf(beta_b).all(dim=-1)  # [g, k]
     hidden_l = empty_block[:, None, :, None]  # L logits that are −inf: [g, 1, k, 1]
     if is_causal:

@@ -288,10 +288,22 @@ def _inputs(
     if key_bias is not None or padded:
         bias = key_bias if key_bias is not None else q.new_zeros(groups, n, dtype=stats)
         bias = layout.block(bias.to(stats), -math.inf)
-    if query_valid is not None or padded:
-        valid = query_valid if query_valid is not None else q.new_ones(groups, n, dtype=torch.bool)
-        valid = layout.block(valid, False)
+    if query_valid is not None:
+        present = layout.block(torch.ones_like(query_valid), False) if padded else None
+        valid = _taking_part(layout.block(query_valid, False), present)
+    elif padded:
+        valid = layout.block(q.new_ones(groups, n, dtype=torch.bool), False)
     return layout, qp, kp, vp, bias, valid
+
+
+def _taking_part(valid: Tensor, present: Tensor | None) -> Tensor:
+    """ω, the queries that shape the R rows: the valid ones, but in a slot with no valid query
+    every present one. R rows of slot j serve only the L-updates of slot j's queries, so a
+    masked query must not shape them where a valid query reads them (outputs independent of
+    padding), and may where none does: with one block (b ≥ N) every query then gets its exact
+    attention, a masked one too (SDPA gives it attention over the unmasked keys, not padding)."""
+    unread = ~valid.any(1, keepdim=True)
+    return valid | (unread if present is None else unread & present)
 
 
 def monarch_forward(
