@@ -154,10 +154,12 @@ def _walk_to_score_product(softmax_input: Any, region: list) -> tuple[sp.Product
             subtract = sp.SUB.matches(current)
             if not sp.is_unit_alpha(current):
                 raise NotAttention(f"{_describe(current)} has an alpha factor")
-            current, mask = _scores_and_operand(current, commutative=not subtract)
-            if not isinstance(mask, torch.fx.Node):
-                raise NotAttention(f"{_describe(current)} adds a constant to the scores")
-            steps.append(ScoreStep("sub" if subtract else "add", mask))
+            shift, (current, mask) = current, _scores_and_operand(current, commutative=not subtract)
+            if isinstance(mask, torch.fx.Node):
+                steps.append(ScoreStep("sub" if subtract else "add", mask))
+            elif not (isinstance(mask, (int, float)) and math.isfinite(mask)):
+                raise NotAttention(f"{_describe(shift)} adds {mask!r} to the scores")
+            # else: one finite number added to every score; softmax is shift-invariant
             continue
         if sp.MASKED_FILL.matches(current):
             condition = sp.argument(current, 1, "mask")
@@ -185,7 +187,10 @@ def _scores_and_operand(node: torch.fx.Node, *, commutative: bool) -> tuple[Any,
         return a, b
     if commutative and _reaches_product(b):
         return b, a
-    raise NotAttention(f"cannot tell which operand of {_describe(node)} holds the scores")
+    raise NotAttention(
+        f"neither operand of {_describe(node)} ({_describe(a)}, {_describe(b)}) is Q·Kᵀ "
+        "through casts, scales and masks"
+    )
 
 
 def _reaches_product(x: Any) -> bool:

@@ -60,6 +60,9 @@ ATTENTION = {
     "additive_mask": lambda m, q, k, v, keep: (
         torch.softmax(q @ k.transpose(-2, -1) / 3.0 + additive(keep), -1) @ v
     ),
+    "constant_shift": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1)) * 0.3 - 5.0).softmax(-1) @ v
+    ),
     "softmax_module": lambda m, q, k, v, keep: m.softmax(q @ k.transpose(-2, -1) * 0.3) @ v,
     "per_key_bias_1d": lambda m, q, k, v, keep: (  # (Nk,): SDPA itself takes masks of 2-D up
         torch.softmax(q @ k.transpose(-2, -1) / 3.0 + additive(keep)[1, 0, 0], -1) @ v
@@ -208,6 +211,12 @@ LOOK_ALIKES = {
             (q @ k.transpose(-2, -1)).softmax(-1)
         ),
         "users|feed mul_",
+    ),
+    "soft_capped_scores": (
+        lambda m, q, k, v, keep: (
+            (torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0).softmax(-1) @ v
+        ),
+        "neither operand",
     ),
     "inexact_masked_fill": (
         lambda m, q, k, v, keep: (q @ k.transpose(-2, -1)).masked_fill(~keep, -1e4).softmax(-1) @ v,
