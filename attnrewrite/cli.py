@@ -24,6 +24,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
 from .errors import AttnRewriteError, OptionError
 from .methods import METHODS
+from .onnx.lowerings import METHOD_SPECS
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -53,14 +54,15 @@ def _option_parser(annotation: Any):
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--method among the methods with an ONNX function, and their options."""
     parser.add_argument(
         "--method",
         default="monarch",
-        choices=sorted(METHODS),
+        choices=sorted(METHOD_SPECS),
         help="attention method to put in place of softmax attention",
     )
     seen: set[str] = set()
-    for method in METHODS.values():
+    for method in (METHODS[name] for name in sorted(METHOD_SPECS)):
         hints = typing.get_type_hints(method.options_type)
         for field in dataclasses.fields(method.options_type):
             if field.name in seen:
