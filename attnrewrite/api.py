@@ -13,7 +13,7 @@ import torch.fx
 from .errors import AttnRewriteError
 from .methods import get_method
 from .passes.canonicalize import canonicalize
-from .passes.graph_utils import has_values
+from .passes.graph_utils import has_values, unchanged_state
 from .passes.substitute import Policy, substitute
 from .report import Report
 
@@ -85,15 +85,11 @@ def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, 
                     site.mask = max(site.mask, kind, key=rank.__getitem__)
             return value
 
-    # The run must leave no trace: buffers (shared with the user's model: BatchNorm statistics,
-    # counters, caches), the example inputs and the random stream stay as they were.
-    saved = {name: buffer.clone() for name, buffer in gm.named_buffers()}
-    with torch.no_grad(), torch.random.fork_rng():
+    # the run leaves no trace: buffers, the random stream and the example inputs stay
+    with torch.no_grad(), unchanged_state(gm):
         for args, kwargs in calls:
             inputs = fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
             Probe(gm).run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs))
-        for name, buffer in gm.named_buffers():
-            buffer.copy_(saved[name])
 
 
 def capture(

@@ -16,9 +16,10 @@ import torch
 import torch.fx
 
 from .errors import OptionError
-from .flops import flops_saved
+from .flops import METHOD_FLOPS, flops_saved
 from .methods import AttentionMethod, MethodOptions
 from .methods.base import CustomOpMethod
+from .passes.graph_utils import unchanged_state
 from .passes.head_split import head_count
 from .site import AttentionSite, SDPAArgs
 
@@ -42,8 +43,20 @@ def _calls(calibration: Any) -> list[tuple[tuple, dict]]:
 
 
 def _outputs(module: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        outputs = [module(*args, **kwargs) for args, kwargs in calls]
+    """The floating outputs of the calibration calls. Every measurement starts from one seed,
+    so a model in train mode draws the same dropout masks in the exact run and in each
+    candidate's (the methods draw none), and leaves its buffers as they were."""
+    try:
+        with torch.no_grad(), unchanged_state(module):
+            torch.manual_seed(0)
+            outputs = [module(*args, **kwargs) for args, kwargs in calls]
+    except AssertionError as error:
+        if "Guard failed" not in str(error):
+            raise
+        raise OptionError(
+            f"ErrorBudget calibration does not fit the captured graph ({error}): calibrate at "
+            "the example inputs' shapes, or capture with dynamic_shapes=..."
+        ) from None
     leaves = torch.utils._pytree.tree_leaves(outputs)
     return [x.double() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
@@ -128,12 +141,17 @@ class ErrorBudget:
     ) -> None:
         """Measure every candidate site alone, then add sites greedily under the budget (and,
         with per_head, heads of the sites that did not fit)."""
-        from .passes.substitute import substitute
+        from .passes.substitute import method_reason, substitute
 
         if self.per_head and not isinstance(method, CustomOpMethod):
             raise OptionError(
                 f"ErrorBudget(per_head=True) needs a stateless method (monarch, hsa), not "
                 f"{method.name!r}"
+            )
+        if method.name not in METHOD_FLOPS:
+            raise OptionError(
+                f"ErrorBudget ranks sites by attention FLOPs saved, which it counts for "
+                f"{', '.join(sorted(set(METHOD_FLOPS) - {'sdpa'}))}, not {method.name!r}"
             )
         calls = example_calls if self.calibration is None else _calls(self.calibration)
         exact = _outputs(gm, calls)
@@ -149,7 +167,7 @@ class ErrorBudget:
         for index, site in enumerate(sites):
             if site.status != "found":
                 continue
-            if method.unsupported_reason(site, options):
+            if method_reason(method, site, options):
                 continue  # substitute keeps it and reports why
             best = None
             for overrides in self.candidates:
@@ -220,6 +238,9 @@ class ErrorBudget:
             site = sites[index]
             self._reasons.pop(id(site))
             self._chosen[id(site)] = with_heads(index, heads)
+            # the report's "alone" figures: these heads', not the whole site's
+            site.measured_error = error_with({index: self._chosen[id(site)]})
+            site.flops_saved = site.flops_saved * len(heads) // head_count(site)
 
 
 @dataclasses.dataclass

@@ -8,8 +8,10 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from .errors import OptionError
-from .site import AttentionSite
+from .site import AttentionSite, holds_for_every_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,31 @@ class Select:
             return f"policy: layer {site.layer} is not in the selected layers {list(self.layers)}"
         if self.names is not None and not any(fnmatch.fnmatch(site.name, p) for p in self.names):
             return f"policy: {site.name!r} matches none of {list(self.names)}"
-        if self.min_seq_len is not None and (site.q_len or 0) < self.min_seq_len:
+        if self.min_seq_len is not None and _shorter(site.q_len, self.min_seq_len):
             return f"policy: sequence length {site.q_len} < min_seq_len {self.min_seq_len}"
         return None
+
+
+def _shorter(length: Any, minimum: int) -> bool:
+    """length < minimum, for a static length or a symbolic one (`holds_for_every_call`: under
+    Dynamo a guard, under torch.export the length's range). Otherwise refused, naming the
+    fixes, rather than decided from the example's length."""
+    if length is None or isinstance(length, int):
+        return (length or 0) < minimum
+    if isinstance(length, torch.SymInt):
+        if holds_for_every_call(length >= minimum):
+            return False
+        if holds_for_every_call(length < minimum):
+            return True
+    fixes = (
+        "an ONNX model's dynamic dims have no range: rewrite one exported with a static length, "
+        "or the PyTorch model"
+        if isinstance(length, str)
+        else f"give the dynamic dim a range that decides it (torch.export.Dim(..., min={minimum}"
+        "), compile with the attnrewrite backend (which recompiles per length range), or "
+        "rewrite a static-length model"
+    )
+    raise OptionError(
+        f"Select(min_seq_len={minimum}) cannot decide the dynamic sequence length {length} once "
+        f"for every call: {fixes}"
+    )

@@ -16,6 +16,17 @@ MaskKind = Literal["none", "key", "full", "causal_key", "general", "causal"]
 Status = Literal["found", "replaced", "kept"]
 
 
+def holds_for_every_call(condition: bool | torch.SymBool) -> bool:
+    """Whether a condition on sizes holds for every call the graph will serve. Under Dynamo
+    (inside a backend) deciding a symbolic condition installs a guard, and a call where it
+    fails recompiles; a torch.export or FX graph serves every size in its range as it is, so a
+    symbolic condition counts only when known true there (deciding it would guard nothing and
+    silently fold, e.g., two length dims into one)."""
+    if torch._guards.TracingContext.try_get() is not None:
+        return bool(condition)
+    return statically_known_true(condition)
+
+
 @dataclasses.dataclass(frozen=True)
 class SDPAArgs:
     """The arguments of a canonical `scaled_dot_product_attention` node."""
@@ -71,10 +82,8 @@ class AttentionSite:
 
     @property
     def same_length(self) -> bool:
-        """Whether Nq = Nk holds for every input the graph serves, not just the example: two
-        symbolic lengths (dynamic shapes) count only when known equal, since comparing them
-        with `==` would guard them equal and silently fold two dims into one."""
-        return statically_known_true(self.q_len == self.k_len)
+        """Whether Nq = Nk holds for every input the graph serves, not just the example."""
+        return holds_for_every_call(self.q_len == self.k_len)
 
     @property
     def mask_requires_grad(self) -> bool:

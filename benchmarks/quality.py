@@ -354,8 +354,10 @@ def plot(rows: list[dict], out: Path) -> None:
     colours = {"monarch": "tab:blue", "hsa": "tab:orange"}
     styles = {"all layers": "o-", f"layers {ALTERNATING}": "s--", "ErrorBudget": "^:"}
     seq_lens = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), sharey=True)
-    for ax, seq_len in zip(axes, seq_lens, strict=True):
+    fig, axes = plt.subplots(
+        1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), sharey=True, squeeze=False
+    )
+    for ax, seq_len in zip(axes[0], seq_lens, strict=True):
         series: dict[tuple[str, str], list[dict]] = {}
         for r in rows:
             if r["seq_len"] == seq_len and not r["selection"].startswith("layer "):
@@ -375,8 +377,8 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set_title(f"all-MiniLM-L6-v2, N = {seq_len}")
         ax.set_xlabel("attention FLOPs saved (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("embedding cosine vs original")
-    axes[0].legend(fontsize=7)
+    axes[0, 0].set_ylabel("embedding cosine vs original")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -125,6 +127,20 @@ def constant_value(node: torch.fx.Node, gm: torch.fx.GraphModule, limit: int = 2
     except Exception:  # a subgraph we cannot evaluate is simply not constant
         return None
     return values[node]
+
+
+@contextlib.contextmanager
+def unchanged_state(module: torch.nn.Module) -> Iterator[None]:
+    """Runs of `module` inside leave no trace: its buffers (often shared with the user's model:
+    BatchNorm statistics, counters, caches) are restored after, and the random stream is forked."""
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, buffer in module.named_buffers():
+                    buffer.copy_(saved[name])
 
 
 def module_path(node: torch.fx.Node) -> str:

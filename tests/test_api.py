@@ -180,3 +180,29 @@ def test_rewrite_leaves_the_model_state_inputs_and_random_stream_as_they_were():
         assert torch.equal(x, state[name]), name
     for x, y in zip((q, k, v, mask), inputs, strict=True):
         assert torch.equal(x, y)
+
+
+def test_select_min_seq_len_decides_a_dynamic_length_by_its_range_or_refuses():
+    """One exported graph serves every length in its range: min_seq_len holds for all of them
+    or for none, or the policy cannot decide once (and says how to)."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    policy = attnrewrite.Select(min_seq_len=512)
+    ranges = {"short": (2, 511, 64, "kept"), "long": (512, 4096, 512, "replaced")}
+    for low, high, n, status in ranges.values():
+        length = torch.export.Dim("n", min=low, max=high)
+        q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+        res = attnrewrite.rewrite(
+            Attention(), (q, k, v), method="monarch", policy=policy,
+            dynamic_shapes=({2: length}, {2: length}, {2: length}),
+        )  # fmt: skip
+        assert [s.status for s in res.report.sites] == [status]
+    length = torch.export.Dim("n", max=4096)
+    with pytest.raises(attnrewrite.OptionError, match="cannot decide the dynamic sequence length"):
+        attnrewrite.rewrite(
+            Attention(), (q, k, v), method="monarch", policy=policy,
+            dynamic_shapes=({2: length}, {2: length}, {2: length}),
+        )  # fmt: skip

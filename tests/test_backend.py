@@ -151,3 +151,25 @@ def test_backend_keeps_in_place_writes_whose_results_are_unused():
     assert attnrewrite.backend.reports[-1].sites[0].status == "replaced"
     torch.testing.assert_close(got, expected)
     assert model.calls.item() == 4
+
+
+def test_min_seq_len_under_compile_guards_a_dynamic_length():
+    """Under Dynamo the policy's comparison is a guard: a call on the other side of
+    min_seq_len recompiles and is decided for its own length."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    torch._dynamo.reset()
+    policy = attnrewrite.Select(min_seq_len=512)
+    options = {"method": "monarch", "inner": "eager", "policy": policy}
+    compiled = torch.compile(Attention(), backend="attnrewrite", options=options)
+    statuses = []
+    for n in (600, 700, 64):
+        q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+        torch._dynamo.mark_dynamic(q, 2), torch._dynamo.mark_dynamic(k, 2)
+        torch._dynamo.mark_dynamic(v, 2)
+        compiled(q, k, v)
+        statuses.append(attnrewrite.backend.reports[-1].sites[0].status)
+    assert statuses == ["replaced", "replaced", "kept"]

@@ -9,6 +9,7 @@ from hf_zoo import ZOO
 
 import attnrewrite
 from attnrewrite.budget import relative_error
+from attnrewrite.flops import exact_attention_flops, site_flops
 
 
 class Embedder(torch.nn.Module):
@@ -102,6 +103,9 @@ def test_per_head_budget_replaces_heads_where_whole_sites_do_not_fit(model):
     chosen = [s.options["heads"] for s in res.report.replaced]
     assert chosen and all(0 < len(h) < heads for h in chosen)
     assert "heads=" in str(res.report)
+    for site in res.report.replaced:  # the report's "alone" figures are the chosen heads'
+        assert site.flops_saved == exact_attention_flops(site) - site_flops(site)
+        assert 0 < site.measured_error <= max_error + 1e-6
     calibration_error = relative_error(
         [res.module(*c).double() for c in calibration], [model(*c).double() for c in calibration]
     )
@@ -118,3 +122,39 @@ def test_budget_options_are_checked():
         ids, mask = batch(0)
         budget = attnrewrite.ErrorBudget(1.0, per_head=True)
         attnrewrite.rewrite(Embedder().eval(), (ids, mask), method="zeros", policy=budget)
+
+
+def test_budget_in_train_mode_measures_the_method_not_dropout_and_leaves_no_trace():
+    """A model in train mode (dropout, BatchNorm): every measurement draws the same dropout masks,
+    so an exact replacement (b ≥ N) measures ~0, and the calibration runs leave buffers and
+    the random stream as they were."""
+
+    class Normed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedder, self.norm = Embedder(), torch.nn.BatchNorm1d(32)
+
+        def forward(self, input_ids, attention_mask):
+            return self.norm(torch.dropout(self.embedder(input_ids, attention_mask), 0.1, True))
+
+    torch.manual_seed(0)
+    model = Normed().train()
+    model.embedder.eval()  # its attention dropout would keep the sites
+    state = {name: x.clone() for name, x in model.state_dict().items()}
+    policy = attnrewrite.ErrorBudget(0.01)
+    torch.manual_seed(1)
+    res = attnrewrite.rewrite(model, batch(0), method="monarch", block_size=64, policy=policy)
+    drawn = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(3))
+    assert all(s.measured_error < 1e-5 for s in res.report.sites)
+    for name, x in model.state_dict().items():
+        assert torch.equal(x, state[name]), name
+
+
+def test_budget_refuses_methods_it_cannot_count_and_calibration_off_the_graph(model):
+    with pytest.raises(attnrewrite.OptionError, match="counts for hsa, monarch, not 'zeros'"):
+        attnrewrite.rewrite(model, batch(0), method="zeros", policy=attnrewrite.ErrorBudget(0.1))
+    policy = attnrewrite.ErrorBudget(0.1, calibration=[batch(1, n=32)])
+    with pytest.raises(attnrewrite.OptionError, match="calibrate at the example inputs' shapes"):
+        attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=policy)
