@@ -74,6 +74,10 @@ def test_onnx_report_and_bench_commands(small_onnx, tmp_path, capsys):
     [
         (["onnx", "missing.onnx", "out.onnx"], "missing.onnx does not exist"),
         (["onnx", "{model}", "out.onnx", "--block-size", "0"], "block_size must be a positive"),
+        (
+            ["onnx", "{model}", "out.onnx", "--block-size", "4", "--min-seq-len", "8"],
+            "cannot decide the dynamic sequence length seq",
+        ),
     ],
 )
 def test_errors_name_the_problem_and_exit_2(argv, message, small_onnx, tmp_path, capsys):
