@@ -486,7 +486,7 @@ def _broadcasts_into(dims: tuple, target: tuple) -> bool:
     ):
         return False
     aligned = zip(dims, target[len(target) - len(dims) :], strict=True)
-    return all(a == 1 or statically_known_true(a == b) for a, b in aligned)
+    return all((isinstance(a, int) and a == 1) or statically_known_true(a == b) for a, b in aligned)
 
 
 def _refine_sdpa(node: torch.fx.Node, gm: torch.fx.GraphModule) -> torch.fx.Node:
