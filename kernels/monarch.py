@@ -515,7 +515,7 @@ def fused_forward(
         HAS_BIAS=key_bias is not None,
         HAS_VALID=query_valid is not None,
         CAUSAL=config.is_causal,
-        NUM_STEPS=config.num_steps,
+        NUM_STEPS=config.steps,
         BM=rows,
         BB=slots,
         BLOCK_D=_block(head_dim),

@@ -25,6 +25,7 @@ from .graph_utils import (
     is_impure,
     layer_index,
     module_path,
+    node_value,
     shape_of,
     tensor_meta,
     value_key,
@@ -332,6 +333,13 @@ def _fold_target(factor: torch.fx.Node, scores: torch.Tensor) -> str:
     """Where a tensor scale folds exactly: into q when constant along keys, into k along queries."""
     shape = shape_of(factor)
     if shape is None:
+        if isinstance(node_value(factor), (torch.SymFloat, torch.SymInt)):
+            raise NotAttention(
+                f"the scale {_describe(factor)} is a symbolic number (torch.compile with "
+                "dynamic=True makes the head size, and a scale computed from it, symbolic); "
+                "leave dynamic unset: lengths become dynamic after a second length and the scale "
+                "stays a constant"
+            )
         raise NotAttention(f"no shape for the scale {_describe(factor)}")
     padded = (1,) * (scores.dim() - len(shape)) + shape
     if len(padded) != scores.dim():

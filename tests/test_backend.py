@@ -173,3 +173,18 @@ def test_min_seq_len_under_compile_guards_a_dynamic_length():
         compiled(q, k, v)
         statuses.append(attnrewrite.backend.reports[-1].sites[0].status)
     assert statuses == ["replaced", "replaced", "kept"]
+
+
+def test_a_symbolic_scale_under_dynamic_true_is_kept_with_the_fix():
+    class SizeScaled(torch.nn.Module):
+        def forward(self, q, k, v):
+            scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+            return torch.softmax(scores, dim=-1) @ v
+
+    torch._dynamo.reset()
+    options = {"method": "monarch", "inner": "eager"}
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    compiled = torch.compile(SizeScaled(), backend="attnrewrite", options=options, dynamic=True)
+    torch.testing.assert_close(compiled(q, k, v), SizeScaled()(q, k, v))
+    (site,) = attnrewrite.backend.reports[-1].sites
+    assert site.status == "kept" and "leave dynamic unset" in site.reason

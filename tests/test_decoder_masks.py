@@ -1,6 +1,7 @@
 """Decoder masks: causal combined with key padding in one (B, 1, N, N) tensor, as Hugging Face
-decoders build them for padded batches. Monarch and HSA run their causal forms on them with the
-last row's key terms; masks no causal form reproduces keep the site."""
+decoders build them for padded batches. Monarch runs its causal form on them with the last row's
+key terms; masks no causal form reproduces keep the site. Causal forms must never let a row see
+a later token: Monarch's runs one step, HSA's is not offered in rewritten graphs."""
 
 from __future__ import annotations
 
@@ -34,13 +35,11 @@ def run_without_fallback(module: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["monarch", "hsa"])
 @pytest.mark.parametrize(
     ("attn_implementation", "side"), [("sdpa", "right"), ("sdpa", "left"), ("eager", "right")]
 )
-def test_causal_padding_masks_are_replaced_and_exact_in_the_exact_cases(
-    method, attn_implementation, side
-):
+def test_causal_padding_masks_are_replaced_and_exact_in_the_exact_cases(attn_implementation, side):
+    method = "monarch"  # HSA keeps causal sites (test_causal_forms_never_see_later_tokens)
     model, inputs = padded_gpt2(attn_implementation, side)
     with torch.no_grad():
         expected = model(**inputs)[0]
@@ -52,6 +51,7 @@ def test_causal_padding_masks_are_replaced_and_exact_in_the_exact_cases(
         model, (), example_kwargs=inputs, method=method, **APPROXIMATE[method]
     )
     assert [s.status for s in approx.report.sites] == ["replaced"] * 2
+    assert all(s.options["num_steps"] == 1 for s in approx.report.sites)  # the causal form's
     got = run_without_fallback(approx.module, inputs)
     assert torch.isfinite(got).all() and not torch.allclose(got, expected, atol=1e-3)
 
@@ -98,3 +98,50 @@ def test_site_mask_terms_refuse_float_rows_without_a_key_but_accept_bool_ones():
     right_padded = causal_padding(keep.flip(-1))
     additive = torch.zeros(mask.shape).masked_fill(~right_padded, torch.finfo(torch.float32).min)
     assert site_mask_terms(additive, (1, 1), 6, 6, torch.float32)[2]
+
+
+def later_tokens_reach(attention, q, k, v) -> float:
+    """The most any output row changes when every later token's q, k, v change."""
+    out, worst = attention(q, k, v), 0.0
+    for t in range(q.shape[-2] - 1):
+        changed = [x.clone() for x in (q, k, v)]
+        for x in changed:
+            x[..., t + 1 :, :] = torch.randn_like(x[..., t + 1 :, :])
+        worst = max(worst, (attention(*changed) - out)[..., : t + 1, :].abs().max().item())
+    return worst
+
+
+def test_causal_forms_never_see_later_tokens():
+    """Monarch at T = 2, 3 pooled later queries into the R rows earlier rows read (0.67 before);
+    its causal form now runs one step. HSA's tree aggregates pool later tokens of a group: a
+    direct call warns, a rewritten graph's op (fallback) runs exact causal attention, and
+    rewrite keeps causal sites."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    for steps in (1, 2, 3):
+
+        def monarch(*x, steps=steps):
+            return attnrewrite.attention(
+                *x, is_causal=True, method="monarch", block_size=4, num_steps=steps
+            )
+
+        assert later_tokens_reach(monarch, q, k, v) == 0
+    hsa = torch.ops.attnrewrite.hsa_attention
+
+    def in_a_graph(*x):
+        return hsa(*x, None, None, [4, 2], is_causal=True, fallback=True)
+
+    with pytest.warns(RuntimeWarning, match="ran exact causal attention"):
+        attnrewrite.errors.WARNED.discard("hsa-causal-exact")
+        torch.testing.assert_close(
+            in_a_graph(q, k, v), torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True
+            )
+        )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="later tokens"):
+        attnrewrite.errors.WARNED.discard("hsa-causal")
+        attnrewrite.attention(q, k, v, is_causal=True, method="hsa", branching=(4, 2))
+    model, inputs = padded_gpt2("sdpa", "right")
+    res = attnrewrite.rewrite(model, (), example_kwargs=inputs, method="hsa", branching=(4, 2))
+    assert [s.status for s in res.report.sites] == ["kept"] * 2
+    assert "not offered for causal sites" in res.report.sites[0].reason

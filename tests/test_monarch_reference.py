@@ -196,8 +196,8 @@ def test_reference_matches_loop_implementation_of_the_update_equations(
     valid[list(masked)] = False
     bias = torch.randn(n, dtype=torch.float64).masked_fill(~valid, -math.inf)
     scale = 0.4
-    expected = monarch_loop(
-        q, k, v, bias, valid, scale=scale, b=b, steps=steps, pad=pad, causal=causal
+    expected = monarch_loop(  # the causal variant runs one step (causality, reference.py)
+        q, k, v, bias, valid, scale=scale, b=b, steps=1 if causal else steps, pad=pad, causal=causal
     )
     got = monarch_attention_reference(
         q,
@@ -300,7 +300,7 @@ def test_folded_first_l_update_bias_equals_the_rowdot_one(
     monkeypatch.setattr(TorchStageOps, "attend", spy)
     folded = TorchStageOps(chunk_elements=chunk)
     got, _ = monarch_forward(q, k, v, bias, valid, config, folded)
-    assert folded.folds_diagonal and keys_dots == [False] + [True] * (steps - 1)
+    assert folded.folds_diagonal and keys_dots == [False] + [True] * (config.steps - 1)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 

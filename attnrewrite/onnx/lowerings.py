@@ -51,15 +51,28 @@ def _key_masked(
     scale: float | None,
     enable_gqa: bool,
     is_causal: bool,
+    causal_form: bool = True,
 ) -> Callable[..., torch.Tensor] | Choice:
     """The body of a function running `approximate(q, k, v, key_bias, query_weight,
     is_causal=...)` on the masks the PyTorch op honors (`masks.site_mask_terms`), deciding in
     the graph as the op decides at run time: a key-padding mask → the approximation; a causal +
     key-padding mask → its causal form with the last row's key terms; any other mask → exact
     attention. `mask`: the mask input's layout (None: no mask); one with a query axis makes the
-    body a `Choice` (ONNX Ifs)."""
+    body a `Choice` (ONNX Ifs). causal_form False: causal attention runs exact, as the op does
+    where its causal form is not causal (HSA in a rewritten graph)."""
+
+    def exact(q, k, v, mask=None):
+        k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        n = q.shape[-2]
+        causal_mask = with_causal(mask, n, n) if is_causal else mask
+        return F.scaled_dot_product_attention(q, k, v, causal_mask, scale=scale)
 
     def approximation(causal: bool) -> Callable[..., torch.Tensor]:
+        if causal and not causal_form:
+            return exact
+
         def body(q, k, v, mask=None):
             k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
             if mask is None:
@@ -74,12 +87,6 @@ def _key_masked(
     layout = None if mask is None else TensorLayout.of(mask)
     if layout is None or len(layout.shape) < 2 or layout.shape[-2] == 1:
         return approximation(is_causal)
-
-    def exact(q, k, v, mask):
-        k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
-        n = q.shape[-2]
-        causal_mask = with_causal(mask, n, n) if is_causal else mask
-        return F.scaled_dot_product_attention(q, k, v, causal_mask, scale=scale)
 
     honored = (
         approximation(True)
@@ -156,6 +163,7 @@ def _sdpa_like_spec(
     is_causal: bool,
     enable_gqa: bool,
     example_length: int,
+    causal_form: bool = True,
 ) -> FunctionSpec:
     """The function of an op with SDPA's arguments: inputs q, k, v (and the mask), options the
     method's then causal, scale and gqa, and `approximate` behind the op's mask dispatch."""
@@ -164,7 +172,12 @@ def _sdpa_like_spec(
         inputs.append(("mask", TensorLayout.of(attn_mask)))
     options = (*method_options, ("causal", is_causal), ("scale", scale), ("gqa", enable_gqa))
     body = _key_masked(
-        approximate, attn_mask, scale=scale, enable_gqa=enable_gqa, is_causal=is_causal
+        approximate,
+        attn_mask,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        is_causal=is_causal,
+        causal_form=causal_form,
     )
     return FunctionSpec(name, options, tuple(inputs), body, example_length=example_length)
 
@@ -214,6 +227,7 @@ def hsa_spec(
         enable_gqa=enable_gqa,
         # Every level of the tree present, and ragged groups: nothing specializes in the export.
         example_length=2 * math.prod(branching) + 3,
+        causal_form=not fallback,  # a rewritten graph's op runs causal attention exact
     )
 
 

@@ -53,6 +53,12 @@ class HSAMethod(CustomOpMethod):
     op_name = "hsa_attention"
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        if site.is_causal or site.mask == "causal_key":
+            return (
+                "causal attention: HSA's causal variant lets a row depend on later tokens of its "
+                "top-level group (the tree's aggregates pool them), so it is not offered for "
+                "causal sites"
+            )
         return self.tiling_reason(site, "HSA", "one HSA tree spans queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:

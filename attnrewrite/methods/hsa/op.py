@@ -55,14 +55,40 @@ def _key_terms(
     padding (then causal); None when the mask is neither and `fallback` allows exact attention
     (otherwise that is an error)."""
     if attn_mask is None:
-        return None, None, is_causal
-    stats = torch.promote_types(q.dtype, torch.float32)
-    n = q.shape[-2]
-    terms = self_attention_mask_terms("HSA", attn_mask, tuple(q.shape[:-2]), n, stats, fallback)
-    if terms is None:
+        terms = None, None, is_causal
+    else:
+        stats = torch.promote_types(q.dtype, torch.float32)
+        n = q.shape[-2]
+        shape = tuple(q.shape[:-2])
+        found = self_attention_mask_terms("HSA", attn_mask, shape, n, stats, fallback)
+        if found is None:
+            return None
+        key_bias, valid, causal_mask = found
+        terms = key_bias, valid, is_causal or causal_mask
+    if terms[2]:
+        return _causal_terms(terms, fallback)
+    return terms
+
+
+def _causal_terms(terms: tuple, fallback: bool) -> tuple | None:
+    """The causal variant is not causal in the autoregressive sense: a node's aggregates a(B),
+    P(A) pool every token below it, later ones too, so a row depends on the q and k of later
+    tokens of its top-level group (measured up to 0.35 on random inputs). A rewritten graph
+    (fallback) runs exact causal attention instead; a direct call runs it, warned."""
+    if fallback:
+        warn_once(
+            "hsa-causal-exact",
+            "an hsa site ran causal attention, which HSA's causal variant does not keep causal "
+            "(later tokens reach earlier rows through the tree's aggregates); it ran exact "
+            "causal attention instead.",
+        )
         return None
-    key_bias, valid, causal_mask = terms
-    return key_bias, valid, is_causal or causal_mask
+    warn_once(
+        "hsa-causal",
+        "HSA's causal variant lets a row depend on later tokens of its top-level group (the "
+        "tree's aggregates pool them): not for autoregressive use; method='sdpa' is exact.",
+    )
+    return terms
 
 
 def _check_lengths(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -87,13 +113,13 @@ def _forward(
     sizes = check_branching(branching)
     _check_lengths(q, k)
     terms = _key_terms(q, attn_mask, is_causal, fallback)
-    if terms is None:
-        assert attn_mask is not None
-        if is_causal:
+    if terms is None:  # exact: a mask HSA cannot honor, or causal attention in a graph
+        if is_causal and attn_mask is not None:
             attn_mask = with_causal(attn_mask, q.shape[-2], k.shape[-2])
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
-        )
+            q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa,
+            is_causal=is_causal and attn_mask is None,
+        )  # fmt: skip
     key_bias, valid, is_causal = terms
     k, v = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
     if uses_triton(q, sizes):

@@ -18,7 +18,7 @@ from ...errors import OptionError
 from ...site import AttentionSite
 from ..base import CustomOpMethod, MethodOptions, check_int_option
 from .op import kernel_backend, monarch_attention_backward_op, monarch_attention_op
-from .reference import default_block_size, monarch_attention_reference
+from .reference import causal_steps, default_block_size, monarch_attention_reference
 
 __all__ = [
     "MonarchMethod",
@@ -71,9 +71,12 @@ class MonarchMethod(CustomOpMethod):
         return self.tiling_reason(site, "MonarchAttention", "Monarch blocks queries and keys alike")
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
-        """The options, with the block size the site's length gives when it is not symbolic (a
-        dynamic-shape graph must not guard on it: the op resolves it at run time)."""
+        """The options as they run: one step at causal sites, and the block size the site's
+        length gives when it is not symbolic (a dynamic-shape graph must not guard on it: the op
+        resolves it at run time)."""
         resolved = options.as_dict()
+        if site.is_causal or site.mask == "causal_key":  # what the causal variant runs
+            resolved["num_steps"] = causal_steps(resolved["num_steps"], True)
         if resolved["block_size"] is None and isinstance(site.q_len, int):
             resolved["block_size"] = default_block_size(site.q_len)
         return resolved

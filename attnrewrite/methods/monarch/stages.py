@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from .reference import causal_steps
+
 if TYPE_CHECKING:
     from .torch_stages import Workspace
 
@@ -138,6 +140,12 @@ class MonarchConfig:
     num_steps: int
     pad: str
     is_causal: bool
+
+    @property
+    def steps(self) -> int:
+        """The alternating steps run: num_steps, but one in the causal variant (see
+        `reference.causal_steps`)."""
+        return causal_steps(self.num_steps, self.is_causal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,8 +354,8 @@ def monarch_forward(
     q_eff = _initial_queries(qp, valid, causal)
     rows_x = None  # [ω q | ω], the rows summed into the next R-update
     out = None
-    for step in range(config.num_steps):
-        last = step == config.num_steps - 1
+    for step in range(config.steps):
+        last = step == config.steps - 1
         # At step 1 the R-update's rows q̃[k] = ω[k + o]·q[k + o] are the L-update's rows,
         # shifted by o = 1 in the causal variant: s·q̃·aL is then a diagonal of the L-update's
         # own scores, which a backend that folds it reads there (no rowdot, no bias pass).
@@ -460,7 +468,7 @@ def monarch_backward(
     block_causal = -1 if causal else None
     d_out = layout.block(grad_out.to(stats))
     grad_q_eff = None  # dq̃ of the step after the current one
-    for index in reversed(range(config.num_steps)):
+    for index in reversed(range(config.steps)):
         step = trace.steps[index]
         a_l, lse_l = step.a_l, step.lse_l
         assert lse_l is not None

@@ -310,11 +310,11 @@ class _Scores:
             self.bias = None if bias is None else self.chunks.split(bias.unsqueeze(-2))
         self.scale = scale
         self.ignored = q.new_empty(())  # baddbmm's `input`, ignored with beta = 0
-        self.mask = None
+        # filled, not added: a non-finite product where a later key is hidden must not reach
+        # the row (inf + −inf is NaN), as the reference and the Triton kernels mask
+        self.hidden = None
         if causal is not None:
-            hidden = torch.ones(rows, cols, device=q.device, dtype=torch.bool).triu(causal + 1)
-            zeros = torch.zeros(rows, cols, device=q.device, dtype=q.dtype)
-            self.mask = zeros.masked_fill(hidden, -math.inf)
+            self.hidden = torch.ones(rows, cols, device=q.device, dtype=torch.bool).triu(causal + 1)
 
     def __call__(self, c: int) -> Tensor:
         """Chunk c's scores (baddbmm scales inside the product)."""
@@ -327,8 +327,8 @@ class _Scores:
             scores = torch.baddbmm(self.bias[c].expand(shape), rows, keys.mT, alpha=self.scale)
         if self.minus_diagonal is not None:  # the diagonal of the product alone
             scores += self._less_diagonal(c, scores).unsqueeze(-2)
-        if self.mask is not None:
-            scores += self.mask
+        if self.hidden is not None:
+            scores.masked_fill_(self.hidden, -math.inf)
         return scores
 
     def _less_diagonal(self, c: int, scores: Tensor) -> Tensor:
