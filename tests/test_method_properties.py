@@ -156,9 +156,10 @@ def test_methods_are_finite_where_sdpa_is_and_match_their_reference(case: Case):
     torch.testing.assert_close(out.float(), reference(case, q, k, v, mask), atol=atol, rtol=rtol)
     if is_exact(case):
         # Exact on every row, masked queries too (SDPA's attention over the valid keys); but
-        # where a sequence has no valid key: SDPA spreads finfo.min-masked rows over all keys.
-        sees_a_key = valid.any(-1) if mask is not None else torch.ones(B, dtype=torch.bool)
-        rows = sees_a_key[:, None, None, None].expand(out.shape)
+        # not on a row that sees no valid key: SDPA spreads finfo.min-masked rows over all keys.
+        seen = torch.ones(B, case.n, dtype=torch.bool) if mask is None else valid
+        seen = seen.cummax(-1).values if case.is_causal else seen.any(-1, keepdim=True)
+        rows = seen.expand(B, case.n)[:, None, :, None].expand(out.shape)
         torch.testing.assert_close(out.float()[rows], sdpa.float()[rows], atol=atol, rtol=rtol)
 
 

@@ -85,9 +85,14 @@ def _softmax_and_lse(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torc
     return torch.softmax(safe, dim=dim).masked_fill(empty, 0.0), lse
 
 
-def _entropy_term(probs: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Σ_i p_i (log p_i − β_i) = Σ_i p_i (z_i − lse) for p = softmax(z + β); zero terms vanish."""
-    return torch.where(probs > 0, probs * (logits - lse), 0.0).sum(dim=-1)
+def _entropy_terms(
+    probs: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_i p_i (log p_i − β_i) = Σ_i p_i z_i − lse for p = softmax(z + β) (Σ p = 1; an empty row,
+    p = 0, gives 0), as its two terms: the L logit adds them in the order s·q·aL − Σ p z + lse,
+    since with biases near finfo.min (Hugging Face's masks) Σ p z − lse alone overflows."""
+    weighted = torch.where(probs > 0, probs * logits, 0.0).sum(dim=-1)
+    return weighted, torch.where(probs.sum(dim=-1) > 0, lse.squeeze(-1), 0.0)
 
 
 def monarch_attention_reference(
@@ -180,8 +185,10 @@ def monarch_attention_reference(
         big_r, lse_r = _softmax_and_lse(z_r + beta_b[:, :, None, :], dim=-1)
         # L-update. Σ_i R (log R − β) = Σ_i R (z_R − lse); terms with R = 0 vanish.
         a_l = torch.einsum("gkji,gkid->gjkd", big_r, kb)
-        c_l = _entropy_term(big_r, z_r, lse_r).transpose(1, 2)  # [g, j, k]
-        logits_l = s * torch.einsum("gljd,gjkd->gjkl", qb, a_l) - c_l[..., None]
+        weighted_z, shift = (
+            x.transpose(1, 2)[..., None] for x in _entropy_terms(big_r, z_r, lse_r)
+        )
+        logits_l = s * torch.einsum("gljd,gjkd->gjkl", qb, a_l) - weighted_z + shift  # − cL
         logits_l = logits_l.masked_fill(hidden_l, -math.inf)
         if is_causal:  # the diagonal block competes as one more entry, with logit δ[l, j]
             diag_logit = lse_d.squeeze(-1).transpose(1, 2)[:, :, None, :]  # [g, j, 1, l]
