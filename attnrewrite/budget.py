@@ -141,7 +141,7 @@ class ErrorBudget:
     ) -> None:
         """Measure every candidate site alone, then add sites greedily under the budget (and,
         with per_head, heads of the sites that did not fit)."""
-        from .passes.substitute import method_reason, substitute
+        from .passes.substitute import substitute
 
         if self.per_head and not isinstance(method, CustomOpMethod):
             raise OptionError(
@@ -167,7 +167,7 @@ class ErrorBudget:
         for index, site in enumerate(sites):
             if site.status != "found":
                 continue
-            if method_reason(method, site, options):
+            if method.keep_reason(site, options):
                 continue  # substitute keeps it and reports why
             best = None
             for overrides in self.candidates:

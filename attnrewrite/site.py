@@ -9,6 +9,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .passes.graph_utils import tensor_meta
+
 # "full": (…, N, N), a key-padding mask only if its rows are equal (checked at run time);
 # "causal_key": a full mask that is causal combined with key padding on the example inputs
 # (decoders; checked again at run time); "general": a full mask whose rows differ otherwise.
@@ -86,14 +88,17 @@ class AttentionSite:
         return holds_for_every_call(self.q_len == self.k_len)
 
     @property
+    def runs_causal(self) -> bool:
+        """Whether the site computes causal attention: the flag, or a mask that is causal with
+        key padding on the example inputs (decoders)."""
+        return self.is_causal or self.mask == "causal_key"
+
+    @property
     def mask_requires_grad(self) -> bool:
         """Whether the graph's mask is trainable (e.g. a bias parameter), where the graph's
         producer recorded it (torch.export and Dynamo do; symbolic_trace does not)."""
-        mask = self.sdpa.attn_mask if self.sdpa is not None else None
-        if mask is None:
-            return False
-        value = mask.meta.get("val", mask.meta.get("example_value"))
-        return isinstance(value, torch.Tensor) and value.requires_grad
+        mask = tensor_meta(self.sdpa.attn_mask) if self.sdpa is not None else None
+        return mask is not None and mask.requires_grad
 
     def keep(self, reason: str) -> None:
         self.status = "kept"

@@ -18,19 +18,6 @@ from .head_split import checked_heads, insert_head_split
 Policy = Callable[[AttentionSite], "str | None"]
 
 
-def method_reason(
-    method: AttentionMethod, site: AttentionSite, options: MethodOptions
-) -> str | None:
-    """Why `method` cannot replace `site` whatever a policy says, or None."""
-    if method.key_masks_only and site.mask == "general":
-        return (
-            "the mask varies between queries on the example inputs and is neither causal "
-            f"nor key padding (a bias or a window); {method.name} honors key-padding and "
-            "causal masks only"
-        )
-    return method.unsupported_reason(site, options)
-
-
 def substitute(
     gm: torch.fx.GraphModule,
     sites: list[AttentionSite],
@@ -52,7 +39,7 @@ def substitute(
         heads = chosen.pop("heads", None)
         site_options = method.parse_options({**options.as_dict(), **chosen}) if chosen else options
         # what the method cannot do first: a policy's reason would hide it
-        reason = method_reason(method, site, site_options)
+        reason = method.keep_reason(site, site_options)
         reason = reason or (policy(site) if policy is not None else None)
         if reason:
             site.keep(reason)

@@ -65,8 +65,8 @@ class AttentionMethod(ABC):
     name: ClassVar[str]
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     #: True for methods that honor key-padding masks and causal masks combined with key padding
-    #: only (`masks.site_mask_terms`): the substitute pass keeps sites whose mask is neither on
-    #: the example inputs ("general").
+    #: only (`masks.site_mask_terms`): `keep_reason` keeps sites whose mask is neither on the
+    #: example inputs ("general").
     key_masks_only: ClassVar[bool] = False
 
     def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:
@@ -86,6 +86,18 @@ class AttentionMethod(ABC):
                 "and needs Nq = Nk"
             )
         return None
+
+    def keep_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        """Why this method cannot replace `site` whatever a policy says, or None: a mask that
+        varies between queries on the example inputs for a method honoring key masks only, or
+        `unsupported_reason`."""
+        if self.key_masks_only and site.mask == "general":
+            return (
+                "the mask varies between queries on the example inputs and is neither causal "
+                f"nor key padding (a bias or a window); {self.name} honors key-padding and "
+                "causal masks only"
+            )
+        return self.unsupported_reason(site, options)
 
     @abstractmethod
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:

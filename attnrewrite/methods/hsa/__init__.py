@@ -53,7 +53,7 @@ class HSAMethod(CustomOpMethod):
     op_name = "hsa_attention"
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
-        if site.is_causal or site.mask == "causal_key":
+        if site.runs_causal:
             return (
                 "causal attention: HSA's causal variant lets a row depend on later tokens of its "
                 "top-level group (the tree's aggregates pool them), so it is not offered for "

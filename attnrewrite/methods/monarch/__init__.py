@@ -75,7 +75,7 @@ class MonarchMethod(CustomOpMethod):
         length gives when it is not symbolic (a dynamic-shape graph must not guard on it: the op
         resolves it at run time)."""
         resolved = options.as_dict()
-        if site.is_causal or site.mask == "causal_key":  # what the causal variant runs
+        if site.runs_causal:  # what the causal variant runs
             resolved["num_steps"] = causal_steps(resolved["num_steps"], True)
         if resolved["block_size"] is None and isinstance(site.q_len, int):
             resolved["block_size"] = default_block_size(site.q_len)
