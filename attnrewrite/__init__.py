@@ -1,5 +1,17 @@
 """attnrewrite: find softmax attention in any PyTorch model and swap it for a faster operator."""
 
+from pathlib import Path as _Path
+
+# `passes/` and `kernels/` sit at the repository root and are installed as attnrewrite.passes and
+# attnrewrite.kernels. They have no __init__.py on purpose: run from the root, a regular package
+# named `kernels` would shadow the installed one (PyPI's `kernels`, which transformers imports),
+# while a folder without __init__.py never shadows a regular package. A wheel puts them inside
+# attnrewrite/; in an editable install (whose finder cannot resolve namespace subpackages) they
+# are found beside this folder.
+_source_root = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "kernels").is_dir() and (_source_root / "pyproject.toml").is_file():
+    __path__.append(str(_source_root))
+
 from . import nn
 from .api import RewriteResult, capture, rewrite
 from .budget import ErrorBudget

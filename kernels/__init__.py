@@ -1,1 +1,0 @@
-"""Triton kernels, one module per method. Installed as `attnrewrite.kernels`."""
