@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -92,17 +93,49 @@ def probe_masks(gm: torch.fx.GraphModule, sites: list, calls: list[tuple[tuple, 
             Probe(gm).run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs))
 
 
+WITHOUT_KV_CACHE_NOTE = (
+    "captured with use_cache=False: torch.export cannot return a Hugging Face KV cache, so the "
+    "rewritten module returns no past_key_values (pass example_kwargs={'use_cache': False} to "
+    "say so yourself)"
+)
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: torch.nn.Module, example_kwargs: Mapping[str, Any]) -> Iterator[bool]:
+    """Turn off `config.use_cache` of every submodule for the capture, unless the call sets it.
+
+    A Hugging Face decoder returns a DynamicCache by default, which torch.export cannot put in a
+    graph's output; a captured prefill graph has no use for it. Yields whether anything changed.
+    """
+    configs = []
+    if "use_cache" not in example_kwargs:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if getattr(config, "use_cache", None) is True and config not in configs:
+                configs.append(config)
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield bool(configs)
+    finally:
+        for config in configs:
+            config.use_cache = True
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: tuple[Any, ...],
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    notes: list[str] | None = None,
 ) -> torch.fx.GraphModule:
     """An FX graph of `model` with fake values on every node, called like `model`.
 
     A GraphModule is copied (parameters shared) and, if needed, fake-propagated; any other module
     is captured with `torch.export` (non-strict), whose graphs keep module paths for the report.
+    What the capture changed about the call (a KV cache turned off) is appended to `notes`.
     """
+    _check_call(model, example_inputs, example_kwargs)
     if isinstance(model, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
         if not has_values(gm.graph):
@@ -120,22 +153,62 @@ def capture(
                 ) from error
         return gm
     try:
-        exported = torch.export.export(
-            model,
-            tuple(example_inputs),
-            dict(example_kwargs or {}),
-            dynamic_shapes=dynamic_shapes,
-            strict=False,
-        )
+        with without_kv_cache(model, example_kwargs or {}) as cache_turned_off:
+            exported = torch.export.export(
+                model,
+                tuple(example_inputs),
+                dict(example_kwargs or {}),
+                dynamic_shapes=dynamic_shapes,
+                strict=False,
+            )
     except Exception as error:
-        fix = _data_dependence_hint(error) or (
-            " Pass a torch.fx.GraphModule (e.g. from torch.fx.symbolic_trace), or compile with "
-            "torch.compile(model, backend='attnrewrite'), which tolerates graph breaks."
+        fix = (
+            _data_dependence_hint(error)
+            or _kv_cache_hint(error)
+            or (
+                " Pass a torch.fx.GraphModule (e.g. from torch.fx.symbolic_trace), or compile with "
+                "torch.compile(model, backend='attnrewrite'), which tolerates graph breaks."
+            )
         )
         raise AttnRewriteError(
             f"torch.export could not capture the model ({type(error).__name__}: {error}).{fix}"
         ) from error
+    if cache_turned_off and notes is not None:
+        notes.append(WITHOUT_KV_CACHE_NOTE)
     return exported.module()
+
+
+def _check_call(model: Any, example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> None:
+    """Errors for the usual slips in calling `rewrite`/`capture`, before an expensive capture."""
+    if isinstance(model, RewriteResult):
+        raise AttnRewriteError(
+            "rewrite() got a RewriteResult; pass its module (result.module) to rewrite it again"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise AttnRewriteError(
+            f"rewrite() needs a torch.nn.Module (or a torch.fx.GraphModule); got "
+            f"{type(model).__name__}"
+        )
+    if isinstance(example_inputs, list):
+        raise AttnRewriteError(
+            "example_inputs must be a tuple of the model's positional arguments; got a list: "
+            "pass tuple(example_inputs) (or (example_inputs,) if the model takes one list)"
+        )
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise AttnRewriteError(
+            f"example_kwargs must be a dict of keyword arguments; got "
+            f"{type(example_kwargs).__name__}"
+        )
+
+
+def _kv_cache_hint(error: Exception) -> str:
+    """The fix when a Hugging Face KV cache in the output stopped torch.export."""
+    if "Cache" not in str(error):
+        return ""
+    return (
+        " The model returns a KV cache, which torch.export cannot capture: leave use_cache out "
+        "(rewrite() then captures without the cache) or pass example_kwargs={'use_cache': False}."
+    )
 
 
 def _data_dependence_hint(error: Exception) -> str:
@@ -176,10 +249,12 @@ def rewrite(
     policy: a callable site → reason-to-keep or None, e.g. attnrewrite.Select(layers=[0, 2]).
     dynamic_shapes: as for torch.export, to keep e.g. batch and sequence dims symbolic.
     """
-    if not isinstance(example_inputs, tuple):
+    if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     get_method(method).parse_options(options)  # fail before an expensive capture
-    gm = capture(model, example_inputs, example_kwargs, dynamic_shapes)
+    notes: list[str] = []
+    gm = capture(model, example_inputs, example_kwargs, dynamic_shapes, notes)
     calls = [(tuple(example_inputs), dict(example_kwargs or {}))]
     report = rewrite_graph(gm, method, options, policy, example_calls=calls)
+    report.notes.extend(notes)
     return RewriteResult(module=gm, report=report)

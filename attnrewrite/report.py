@@ -16,6 +16,8 @@ def _shape(shape: tuple[int, ...] | None) -> str:
 class Report:
     method: str
     sites: list[AttentionSite] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the capture changed about the call (e.g. a KV cache turned off)."""
 
     @property
     def replaced(self) -> list[AttentionSite]:
@@ -34,7 +36,11 @@ class Report:
         )
 
     def to_json(self, indent: int | None = 2) -> str:
-        payload = {"method": self.method, "sites": [s.to_dict() for s in self.sites]}
+        payload = {
+            "method": self.method,
+            "notes": self.notes,
+            "sites": [s.to_dict() for s in self.sites],
+        }
         return json.dumps(payload, indent=indent, default=str)
 
     def __str__(self) -> str:
@@ -66,4 +72,5 @@ class Report:
             "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
             for r in rows
         ]
-        return "\n".join([self.summary(), *lines])
+        notes = [f"note: {note}" for note in self.notes]
+        return "\n".join([self.summary(), *notes, *lines])

@@ -32,7 +32,7 @@ def _ids(vocab: int = 99) -> dict[str, torch.Tensor]:
 
 
 def _decoder_ids() -> dict[str, Any]:
-    return {**_ids(), "use_cache": False}  # a KV cache in the output is not exportable
+    return {**_ids(), "use_cache": False}  # as most tests call decoders; see test_hf_coverage
 
 
 def _pixels() -> dict[str, torch.Tensor]:
@@ -101,6 +101,37 @@ ZOO: list[ZooEntry] = [
     ZooEntry(
         "qwen2",
         _model("Qwen2Config", "Qwen2Model", vocab_size=99, num_key_value_heads=1, **_SMALL),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "opt",
+        _model(
+            "OPTConfig",
+            "OPTModel",
+            vocab_size=99,
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+        ),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry(
+        "gpt_neox",
+        _model("GPTNeoXConfig", "GPTNeoXModel", vocab_size=99, **_SMALL),
+        _decoder_ids,
+        2,
+        causal_layers=2,
+    ),
+    ZooEntry("phi", _model("PhiConfig", "PhiModel", vocab_size=99, **_SMALL), _decoder_ids, 2, 2),
+    ZooEntry(
+        "gemma_mqa",
+        _model("GemmaConfig", "GemmaModel", vocab_size=99, num_key_value_heads=1, **_SMALL),
         _decoder_ids,
         2,
         causal_layers=2,

@@ -206,3 +206,35 @@ def test_select_min_seq_len_decides_a_dynamic_length_by_its_range_or_refuses():
             Attention(), (q, k, v), method="monarch", policy=policy,
             dynamic_shapes=({2: length}, {2: length}, {2: length}),
         )  # fmt: skip
+
+
+class ThreeInputs(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: attnrewrite.rewrite(ThreeInputs(), list(qkv()), method="sdpa"), r"a tuple"),
+        (
+            lambda: attnrewrite.rewrite(
+                attnrewrite.rewrite(ThreeInputs(), tuple(qkv()), method="sdpa"),
+                tuple(qkv()),
+                method="sdpa",
+            ),
+            r"result\.module",
+        ),
+        (lambda: attnrewrite.rewrite(F.softmax, tuple(qkv()), method="sdpa"), r"nn\.Module"),
+        (
+            lambda: attnrewrite.rewrite(
+                ThreeInputs(), tuple(qkv()), example_kwargs=[1], method="sdpa"
+            ),
+            r"example_kwargs must be a dict",
+        ),
+    ],
+    ids=["list of inputs", "a RewriteResult", "not a module", "kwargs not a dict"],
+)
+def test_call_slips_are_named_with_the_fix(call, message):
+    with pytest.raises(attnrewrite.AttnRewriteError, match=message):
+        call()
