@@ -101,25 +101,25 @@ WITHOUT_KV_CACHE_NOTE = (
 
 
 @contextlib.contextmanager
-def without_kv_cache(model: torch.nn.Module, example_kwargs: Mapping[str, Any]) -> Iterator[bool]:
-    """Turn off `config.use_cache` of every submodule for the capture, unless the call sets it.
-
-    A Hugging Face decoder returns a DynamicCache by default, which torch.export cannot put in a
-    graph's output; a captured prefill graph has no use for it. Yields whether anything changed.
-    """
+def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Turn off `config.use_cache` of every submodule for the capture, then restore it."""
     configs = []
-    if "use_cache" not in example_kwargs:
-        for module in model.modules():
-            config = getattr(module, "config", None)
-            if getattr(config, "use_cache", None) is True and config not in configs:
-                configs.append(config)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is True and config not in configs:
+            configs.append(config)
     for config in configs:
         config.use_cache = False
     try:
-        yield bool(configs)
+        yield
     finally:
         for config in configs:
             config.use_cache = True
+
+
+def _returns_kv_cache(error: Exception) -> bool:
+    """Whether torch.export failed on a Hugging Face KV cache in the model's output."""
+    return "Cache" in str(error) and "in output" in str(error)
 
 
 def capture(
@@ -152,15 +152,28 @@ def capture(
                     f"{error}).{_data_dependence_hint(error)}"
                 ) from error
         return gm
+
+    def export() -> torch.export.ExportedProgram:
+        return torch.export.export(
+            model,
+            tuple(example_inputs),
+            dict(example_kwargs or {}),
+            dynamic_shapes=dynamic_shapes,
+            strict=False,
+        )
+
     try:
-        with without_kv_cache(model, example_kwargs or {}) as cache_turned_off:
-            exported = torch.export.export(
-                model,
-                tuple(example_inputs),
-                dict(example_kwargs or {}),
-                dynamic_shapes=dynamic_shapes,
-                strict=False,
-            )
+        try:
+            exported = export()
+        except Exception as error:
+            # A Hugging Face decoder returns a DynamicCache by default, which torch.export cannot
+            # put in a graph's output; a captured prefill graph has no use for it.
+            if not _returns_kv_cache(error) or "use_cache" in (example_kwargs or {}):
+                raise
+            with without_kv_cache(model):
+                exported = export()
+            if notes is not None:
+                notes.append(WITHOUT_KV_CACHE_NOTE)
     except Exception as error:
         fix = (
             _data_dependence_hint(error)
@@ -173,8 +186,6 @@ def capture(
         raise AttnRewriteError(
             f"torch.export could not capture the model ({type(error).__name__}: {error}).{fix}"
         ) from error
-    if cache_turned_off and notes is not None:
-        notes.append(WITHOUT_KV_CACHE_NOTE)
     return exported.module()
 
 
@@ -203,7 +214,7 @@ def _check_call(model: Any, example_inputs: Any, example_kwargs: Mapping[str, An
 
 def _kv_cache_hint(error: Exception) -> str:
     """The fix when a Hugging Face KV cache in the output stopped torch.export."""
-    if "Cache" not in str(error):
+    if not _returns_kv_cache(error):
         return ""
     return (
         " The model returns a KV cache, which torch.export cannot capture: leave use_cache out "

@@ -84,6 +84,12 @@ def test_decoders_rewrite_from_the_plain_call_without_their_kv_cache(entry):
         torch.testing.assert_close(first_output(res.module(*args, **kwargs)), expected)
 
 
+def test_encoders_are_captured_as_called():
+    entry = next(e for e in ZOO if e.name == "bert")
+    res = attnrewrite.rewrite(entry.build("sdpa"), (), example_kwargs=entry.inputs(), method="sdpa")
+    assert res.report.notes == []
+
+
 def test_an_explicit_use_cache_is_respected():
     entry = next(e for e in ZOO if e.name == "llama_gqa_rope")
     model, ids = entry.build("sdpa"), entry.inputs()["input_ids"]
