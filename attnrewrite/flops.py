@@ -24,7 +24,7 @@ def exact_attention_flops(site: AttentionSite) -> int:
 
 def monarch_attention_flops(site: AttentionSite, options: Mapping[str, Any]) -> int:
     """Per step 2·N·(b + M)·d multiply-adds (R- and L-updates), plus N·(b + M)·dv for the
-    output (design §5.1), with M = ⌈N / b⌉."""
+    output (docs/methods.md#monarch-cost), with M = ⌈N / b⌉."""
     groups, n, _, d, d_v = _dims(site)
     b = options["block_size"]
     m = math.ceil(n / b)

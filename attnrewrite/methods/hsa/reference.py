@@ -1,5 +1,5 @@
 """Hierarchical Self-Attention in plain PyTorch: the executable spec (Amizadeh et al., arXiv
-2509.15448; ../shared/design.md §5.3).
+2509.15448; docs/methods.md#hierarchical-self-attention).
 
 Tree. Tokens are the leaves. `branching` lists group sizes bottom-up: (16, 4) makes windows of 16
 tokens, groups of 4 windows, and a root over whatever groups remain (`hierarchy`). N is padded at

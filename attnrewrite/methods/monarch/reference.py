@@ -1,6 +1,6 @@
 """MonarchAttention in plain PyTorch: the executable spec (Yaras et al., arXiv 2505.18698).
 
-Notation follows the paper and ../shared/design.md §5.1. Token n = l·b + j lives in block l, slot j.
+Notation: the paper's, as in docs/methods.md#monarchattention. Token n = l·b + j: block l, slot j.
 The attention matrix is restricted to Monarch form A[(l,j),(k,i)] = L[j,k,l] · R[k,j,i], with L a
 softmax over key blocks k and R a softmax over key slots i. MonarchAttention maximizes
 ⟨A, s·QKᵀ + β⟩ + H(A) over such A by exact alternating updates, never materializing A:

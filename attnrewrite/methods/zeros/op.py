@@ -196,7 +196,7 @@ def zeros_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ZeroS zero-sum linear attention (design.md §5.2), before the layer's LayerNorm.
+    """ZeroS zero-sum linear attention (docs/methods.md#zeros), before the layer's LayerNorm.
 
     q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) (any leading dims, equal for all three);
     key_logits: s (B, H, Nk); gate_first σ¹ and gate_residual σʰ: (B, H, Nq), already in [0, 1]

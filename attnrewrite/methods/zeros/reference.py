@@ -1,6 +1,6 @@
 """ZeroS attention in plain PyTorch, O(N²): the executable spec (Lu et al., arXiv 2602.05230).
 
-Notation follows the paper and ../shared/design.md §5.2. For query t, S_t is the set of keys it may
+Notation follows the paper and docs/methods.md#zeros. For query t, S_t is the set of keys it may
 use (i ≤ t when causal, every key otherwise, masked keys never), n_t = |S_t|, and s_i is the scalar
 logit of key i (it depends on the key alone, which is what makes ZeroS linear):
 
