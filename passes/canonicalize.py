@@ -458,25 +458,31 @@ def _own_layout(x: torch.fx.Node, perm: tuple[int, ...] | None = None) -> Layout
     return Layout(tuple(dims), sizes)
 
 
-def _regroup_layout(node: torch.fx.Node) -> Layout:
-    """The layout a regroup in the region makes: static sizes, or the size nodes it was given."""
-    arguments = None
+def _regroup_layout(node: torch.fx.Node, before: Layout) -> Layout:
+    """The layout a regroup in the region makes (`before`: its input's): static sizes, or the
+    size nodes a view, reshape or unflatten was given; a flattened symbolic size has none."""
+    dims = shape_of(node)[:-2]
+    given: dict[int, Any] = {}
     if sp.RESHAPE.matches(node):
         if node.op == "call_method" and len(node.args) > 2:
-            arguments = list(node.args[1:])
+            sizes = list(node.args[1:])
         else:
-            given = sp.argument(node, 1, "shape")
-            given = node.kwargs.get("size") if given is None else given
-            arguments = list(given) if isinstance(given, (list, tuple)) else None
-    dims = shape_of(node)[:-2]
+            sizes = sp.argument(node, 1, "shape")
+            sizes = node.kwargs.get("size") if sizes is None else sizes
+        given = dict(enumerate(sizes)) if isinstance(sizes, (list, tuple)) else {}
+    elif sp.UNFLATTEN.matches(node):
+        dim, sizes = sp.argument(node, 1, "dim"), sp.argument(node, 2, "sizes")
+        if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
+            dim %= len(before.dims) + 2
+            given = {i: before.sizes[i] for i in range(dim)}
+            given.update({dim + i: size for i, size in enumerate(sizes)})
     sizes = []
     for i, d in enumerate(dims):
+        size = given.get(i)
         if isinstance(d, int):
             sizes.append(d)
-        elif arguments is not None and i < len(arguments):
-            sizes.append(arguments[i] if isinstance(arguments[i], torch.fx.Node) else None)
         else:
-            sizes.append(None)
+            sizes.append(size if isinstance(size, (torch.fx.Node, tuple)) else None)
     return Layout(tuple(dims), tuple(sizes))
 
 
@@ -486,7 +492,7 @@ def _path_layouts(product: sp.Product, path: list[torch.fx.Node]) -> dict[torch.
     layouts = {}
     for node in reversed(path):
         if node is not product.node and sp.REGROUP.matches(node):
-            layout = _regroup_layout(node)
+            layout = _regroup_layout(node, layout)
         layouts[node] = layout
     return layouts
 
@@ -540,7 +546,12 @@ def _plan(match: AttentionMatch) -> Plan:
     scores, values = match.scores, match.values
     masks = [match.layouts[step.at] for step in match.steps if step.kind != "scale"]
     queries = _chain(scores.left, scores.left_perm, scales=True)
-    layout = max([*masks, queries[-1].layout], key=lambda x: len(x.dims))
+    candidates = [*masks, queries[-1].layout]
+    layout = max(candidates, key=lambda x: len(x.dims))
+    # the same dims may be known with sizes in one candidate and not in another (a flatten)
+    layout = next(
+        (c for c in candidates if _same_dims(c.dims, layout.dims) and None not in c.sizes), layout
+    )
     query = _pick(queries, layout)
     perm = list(scores.right_perm or ())
     if perm:  # K = Kᵀ permuted back: the swap composed into the product's permutation
@@ -574,9 +585,6 @@ def _plan(match: AttentionMatch) -> Plan:
             _require_sizes(at)
     if any(not _same_dims(o.layout.dims, layout.dims) for o in (query, key, value)):
         _require_sizes(layout)
-    if not _same_dims(output.dims, layout.dims):
-        _require_sizes(layout)
-        _require_sizes(output)
     return Plan(layout, query, key, key_transposed, value, output)
 
 

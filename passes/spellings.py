@@ -76,10 +76,11 @@ PERMUTE = spelling([torch.permute, aten.permute], ["permute"])
 MATRIX_TRANSPOSE = spelling([aten.mT, aten.adjoint], ["adjoint"])
 EXPAND = spelling([aten.expand], ["expand"])
 RESHAPE = spelling([torch.reshape, aten.reshape, aten.view, aten._unsafe_view], ["reshape", "view"])
+UNFLATTEN = spelling([torch.unflatten, aten.unflatten], ["unflatten"])
 # Reshapes that may only regroup batch dims (the pass checks shapes): view, flatten, unflatten.
 REGROUP = spelling(
-    [*RESHAPE.functions, torch.flatten, aten.flatten, torch.unflatten, aten.unflatten],
-    [*RESHAPE.methods, "flatten", "unflatten"],
+    [*RESHAPE.functions, *UNFLATTEN.functions, torch.flatten, aten.flatten],
+    [*RESHAPE.methods, *UNFLATTEN.methods, "flatten"],
 )
 REPEAT_INTERLEAVE = spelling(
     [torch.repeat_interleave, aten.repeat_interleave], ["repeat_interleave"]
