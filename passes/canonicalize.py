@@ -958,8 +958,8 @@ def _method_op(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:
 
 
 ALREADY_REWRITTEN_REASON = (
-    "already rewritten: {op} is an attnrewrite method op, left as it is; to choose another "
-    "method, rewrite the original model"
+    "already rewritten: {op} is an attnrewrite method op (a site rewritten before, or an "
+    "attnrewrite layer), left as it is; to choose another method, rewrite the original model"
 )
 
 

@@ -201,17 +201,17 @@ def _without_ellipsis(
 ) -> tuple[str, str, str] | None:
     """The einsum terms with each `...` spelled as letters: the dims it covers in each operand,
     right-aligned as einsum broadcasts them (the output's `...` covers the longer one)."""
-    if any(shape is None for shape in shapes):
+    if any(shape is None for shape in shapes) or any(
+        t.count("...") > 1 or t.count(".") != 3 * t.count("...") for t in (left, right, out)
+    ):
         return None
     free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in left + right + out]
     covered = []
     for term, shape in zip((left, right), shapes, strict=True):
         explicit = len(term.replace("...", ""))
-        if term.count("...") > 1 or (term.count(".") != 3 * term.count("...")):
-            return None
         covered.append(len(shape) - explicit if "..." in term else 0)
     width = max(covered)
-    if min(covered) < 0 or width > len(free) or out.count("...") > 1:
+    if min(covered) < 0 or width > len(free):
         return None
     letters = "".join(free[:width])
     left, right = (
