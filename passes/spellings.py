@@ -18,6 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..site import SDPAArgs
+from .graph_utils import shape_of
 
 aten = torch.ops.aten
 
@@ -47,9 +48,17 @@ MATMUL = spelling(
 )
 BADDBMM = spelling([torch.baddbmm, aten.baddbmm], ["baddbmm"])
 EINSUM = spelling([torch.einsum, aten.einsum])
+# aten._safe_softmax is SDPA's own math decomposition: a row of -inf gives zeros, as in SDPA.
 SOFTMAX = spelling(
-    [F.softmax, torch.softmax, torch._softmax, aten.softmax, aten._softmax], ["softmax"]
+    [F.softmax, torch.softmax, torch._softmax, aten.softmax, aten._softmax, aten._safe_softmax],
+    ["softmax"],
 )
+# Normalizations that look like attention's softmax but are not it (reported, never rewritten).
+LOG_SOFTMAX = spelling(
+    [F.log_softmax, torch.log_softmax, torch._log_softmax, aten.log_softmax, aten._log_softmax],
+    ["log_softmax"],
+)
+SIGMOID = spelling([torch.sigmoid, F.sigmoid, aten.sigmoid], ["sigmoid"])
 MUL = spelling([operator.mul, torch.mul, aten.mul], ["mul", "__mul__", "__rmul__"])
 DIV = spelling([operator.truediv, torch.div, torch.true_divide, aten.div], ["div", "__truediv__"])
 ADD = spelling([operator.add, torch.add, aten.add], ["add", "__add__", "__radd__"])
@@ -67,6 +76,12 @@ PERMUTE = spelling([torch.permute, aten.permute], ["permute"])
 MATRIX_TRANSPOSE = spelling([aten.mT, aten.adjoint], ["adjoint"])
 EXPAND = spelling([aten.expand], ["expand"])
 RESHAPE = spelling([torch.reshape, aten.reshape, aten.view, aten._unsafe_view], ["reshape", "view"])
+UNFLATTEN = spelling([torch.unflatten, aten.unflatten], ["unflatten"])
+# Reshapes that may only regroup batch dims (the pass checks shapes): view, flatten, unflatten.
+REGROUP = spelling(
+    [*RESHAPE.functions, *UNFLATTEN.functions, torch.flatten, aten.flatten],
+    [*RESHAPE.methods, *UNFLATTEN.methods, "flatten"],
+)
 REPEAT_INTERLEAVE = spelling(
     [torch.repeat_interleave, aten.repeat_interleave], ["repeat_interleave"]
 )
@@ -143,9 +158,14 @@ def _einsum_product(node: torch.fx.Node) -> Product | None:
     if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
         return None
     lhs, out = equation.replace(" ", "").split("->")
-    if lhs.count(",") != 1 or "." in equation:
+    if lhs.count(",") != 1:
         return None
     left, right = lhs.split(",")
+    if "." in equation:
+        spelled = _without_ellipsis(left, right, out, [shape_of(x) for x in operands])
+        if spelled is None:
+            return None
+        left, right, out = spelled
     if any(len(set(t)) != len(t) for t in (left, right, out)):
         return None  # repeated letters: traces and diagonals are not products
     contracted = (set(left) & set(right)) - set(out)
@@ -174,6 +194,31 @@ def _einsum_product(node: torch.fx.Node) -> Product | None:
         right_perm=perm(right, canonical_right),
         out_perm=perm("".join(canonical_out), list(out)),
     )
+
+
+def _without_ellipsis(
+    left: str, right: str, out: str, shapes: list[tuple[Any, ...] | None]
+) -> tuple[str, str, str] | None:
+    """The einsum terms with each `...` spelled as letters: the dims it covers in each operand,
+    right-aligned as einsum broadcasts them (the output's `...` covers the longer one)."""
+    if any(shape is None for shape in shapes) or any(
+        t.count("...") > 1 or t.count(".") != 3 * t.count("...") for t in (left, right, out)
+    ):
+        return None
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in left + right + out]
+    covered = []
+    for term, shape in zip((left, right), shapes, strict=True):
+        explicit = len(term.replace("...", ""))
+        covered.append(len(shape) - explicit if "..." in term else 0)
+    width = max(covered)
+    if min(covered) < 0 or width > len(free):
+        return None
+    letters = "".join(free[:width])
+    left, right = (
+        term.replace("...", letters[width - n :])
+        for term, n in zip((left, right), covered, strict=True)
+    )
+    return left, right, out.replace("...", letters)
 
 
 def softmax_operands(node: torch.fx.Node) -> tuple[torch.fx.Node, int | None] | None:

@@ -13,6 +13,7 @@ from attnrewrite.passes import spellings
 from torch import nn
 
 import attnrewrite
+import attnrewrite.backend
 
 B, H, N, D = 2, 3, 10, 8
 FLOAT32_MIN = torch.finfo(torch.float32).min
@@ -129,6 +130,76 @@ ATTENTION = {
     "fused_qkv_chunk_unbind_split": lambda m, q, k, v, keep: (
         lambda qkv: F.softmax(qkv[0] @ qkv[1].transpose(-2, -1), -1) @ qkv[2]
     )(torch.cat([q, k, v], dim=-1).split(D, dim=-1)),
+    "masked_fill_0d_tensor_neg_inf": lambda m, q, k, v, keep: (
+        (q @ k.transpose(-2, -1)).masked_fill(~keep, torch.full((), float("-inf"))).softmax(-1) @ v
+    ),
+    "where_0d_tensor_finfo_min": lambda m, q, k, v, keep: (
+        torch.where(keep, q @ k.transpose(-2, -1), torch.full((), FLOAT32_MIN)).softmax(-1) @ v
+    ),
+    "scale_as_0d_tensor": lambda m, q, k, v, keep: (
+        ((q @ k.transpose(-2, -1)) * torch.full([], D**-0.5)).softmax(-1) @ v
+    ),
+    "causal_where_and_additive_padding": lambda m, q, k, v, keep: (
+        (
+            torch.where(m.causal[:N, :N] == 1, q @ k.transpose(-2, -1), torch.full((), FLOAT32_MIN))
+            + additive(keep)
+        ).softmax(-1)
+        @ v
+    ),
+    # BLOOM: scores made on (B·H, N, N), masked on (B, H, N, N), probabilities viewed back
+    "bloom_probabilities_viewed_for_bmm": lambda m, q, k, v, keep: torch.bmm(
+        F.softmax(
+            torch.baddbmm(
+                torch.linspace(0.0, 1.0, N).expand(B * H, 1, N),
+                q.flatten(0, 1),
+                k.flatten(0, 1).transpose(1, 2),
+                alpha=D**-0.5,
+            )
+            .view(B, H, N, N)
+            .masked_fill(~keep, FLOAT32_MIN),
+            dim=-1,
+            dtype=torch.float32,
+        ).view(B * H, N, N),
+        v.flatten(0, 1),
+    ).view(B, H, N, D),
+    # MBart: scores viewed to (B, H, N, N) for the mask, then back to (B·H, N, N)
+    "mbart_scores_viewed_for_mask": lambda m, q, k, v, keep: torch.bmm(
+        F.softmax(
+            (
+                torch.bmm(q.flatten(0, 1) * D**-0.5, k.flatten(0, 1).transpose(1, 2)).view(
+                    B, H, N, N
+                )
+                + additive(keep)
+            ).view(B * H, N, N),
+            dim=-1,
+        ),
+        v.flatten(0, 1),
+    ),
+    # SDPA's own math decomposition: √scale on q and on kᵀ, (B·H) products, _safe_softmax
+    "sdpa_math_decomposition": lambda m, q, k, v, keep: torch.ops.aten._unsafe_view(
+        torch.bmm(
+            torch.ops.aten._safe_softmax(
+                torch.ops.aten._unsafe_view(
+                    torch.bmm(
+                        torch.ops.aten.mul.Scalar(q, D**-0.25).expand(B, H, N, D).view(B * H, N, D),
+                        torch.ops.aten.mul.Scalar(k.transpose(-2, -1), D**-0.25)
+                        .expand(B, H, D, N)
+                        .view(B * H, D, N),
+                    ),
+                    [B, H, N, N],
+                )
+                + additive(keep),
+                -1,
+            )
+            .expand(B, H, N, N)
+            .view(B * H, N, N),
+            v.expand(B, H, N, D).view(B * H, N, D),
+        ),
+        [B, H, N, D],
+    ),
+    "einsum_ellipsis": lambda m, q, k, v, keep: torch.einsum(
+        "...qk,...kd->...qd", torch.einsum("...qd,...kd->...qk", q, k).softmax(-1), v
+    ),
     "cross_attention": lambda m, q, k, v, keep: (q[:, :, :4] @ k.transpose(-2, -1)).softmax(-1) @ v,
     "gated_attention": lambda m, q, k, v, keep: (
         torch.sigmoid(q.mean(-1, keepdim=True)) * ((q @ k.transpose(-2, -1)).softmax(-1) @ v)
@@ -217,6 +288,39 @@ LOOK_ALIKES = {
             (torch.tanh(q @ k.transpose(-2, -1) / 50.0) * 50.0).softmax(-1) @ v
         ),
         "neither operand",
+    ),
+    # casts that lose values: only floating dtypes that hold the inputs' values may pass
+    "scores_cast_to_int32": (
+        lambda m, q, k, v, keep: (
+            (q @ k.transpose(-2, -1) * 3).to(torch.int32).to(torch.float32).softmax(-1) @ v
+        ),
+        "torch.int32",
+    ),
+    "probabilities_cast_to_int64": (
+        lambda m, q, k, v, keep: (
+            (q @ k.transpose(-2, -1)).softmax(-1).to(torch.int64).to(torch.float32) @ v
+        ),
+        "torch.int64",
+    ),
+    "probabilities_cast_to_bool": (
+        lambda m, q, k, v, keep: (
+            (q @ k.transpose(-2, -1)).softmax(-1).to(torch.bool).to(torch.float32) @ v
+        ),
+        "torch.bool",
+    ),
+    "scores_type_int16": (
+        lambda m, q, k, v, keep: (
+            (q @ k.transpose(-2, -1) * 3).type(torch.int16).float().softmax(-1) @ v
+        ),
+        "torch.int16",
+    ),
+    "log_softmax_weights": (
+        lambda m, q, k, v, keep: (q @ k.transpose(-2, -1) * 0.3).log_softmax(-1) @ v,
+        "^not attention: log_softmax",
+    ),
+    "sigmoid_attention": (
+        lambda m, q, k, v, keep: torch.sigmoid(q @ k.transpose(-2, -1) * 0.3) @ v,
+        "^not attention: sigmoid",
     ),
     "inexact_masked_fill": (
         lambda m, q, k, v, keep: (q @ k.transpose(-2, -1)).masked_fill(~keep, -1e4).softmax(-1) @ v,
@@ -351,3 +455,175 @@ def test_keys_and_values_broadcast_over_query_batch_dims_are_expanded(kv_batch):
             (site,) = res.report.sites
             assert site.status == "replaced" and site.k_shape == (B, H, N, D), (how, site)
             torch.testing.assert_close(run(res.module, (q, k, v)), expected, atol=1e-5, rtol=1e-5)
+
+
+# Spellings added with the layout-regrouping and 0-d-fill matcher, checked through the compile
+# backend too (the third front door; Dynamo graphs spell ops as torch functions).
+COMPILED = [
+    "masked_fill_0d_tensor_neg_inf",
+    "where_0d_tensor_finfo_min",
+    "scale_as_0d_tensor",
+    "causal_where_and_additive_padding",
+    "bloom_probabilities_viewed_for_bmm",
+    "mbart_scores_viewed_for_mask",
+    "sdpa_math_decomposition",
+    "einsum_ellipsis",
+    "scores_cast_to_int32",
+    "probabilities_cast_to_int64",
+    "probabilities_cast_to_bool",
+    "scores_type_int16",
+    "log_softmax_weights",
+    "sigmoid_attention",
+]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_spellings_through_the_compile_backend(name):
+    found = name in ATTENTION
+    module = Spelled(ATTENTION[name] if found else LOOK_ALIKES[name][0]).eval()
+    args = inputs()
+    torch._dynamo.reset()
+    attnrewrite.backend.reports.clear()
+    options = {"method": "sdpa", "inner": "eager"}
+    got = run(torch.compile(module, backend="attnrewrite", options=options), args)
+    (site,) = attnrewrite.backend.reports[-1].sites
+    if found:
+        assert site.status == "replaced", site
+        torch.testing.assert_close(got, run(module, args), atol=1e-5, rtol=1e-5)
+    else:
+        assert site.status == "kept" and re.search(LOOK_ALIKES[name][1], site.reason), site
+        assert torch.equal(got, run(module, args))
+
+
+class Regrouped(nn.Module):
+    """Batch and head dims merged and split with sizes read from the inputs (BLOOM's and
+    MBart's spellings), so a dynamic batch or length stays symbolic through the regroups."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        if self.spelling == "view":  # MBart: scores viewed to 4-D for the mask and back
+            scores = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+            probs = F.softmax((scores.view(b, h, n, n) + mask).view(b * h, n, n), dim=-1)
+            return torch.bmm(probs, v.reshape(b * h, n, d)).view(b, h, n, d)
+        scores = torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)).unflatten(0, (b, h))
+        probs = (scores + mask).softmax(-1).flatten(0, 1)  # BLOOM: probabilities flattened
+        return torch.bmm(probs, v.flatten(0, 1))
+
+
+@pytest.mark.parametrize("spelling", ["view", "unflatten"])
+def test_regroups_with_dynamic_batch_and_length(spelling):
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("n", min=2, max=64)
+    q, k, v, keep = inputs()
+    dynamic = ({0: batch, 2: length},) * 3 + ({0: batch, 3: length},)
+    res = attnrewrite.rewrite(
+        Regrouped(spelling), (q, k, v, additive(keep)), method="sdpa", dynamic_shapes=dynamic
+    )
+    assert [s.status for s in res.report.sites] == ["replaced"], res.report
+    assert res.report.sites[0].q_shape[1:] == (H, res.report.sites[0].q_shape[2], D)
+    q, k, v = (torch.randn(4, H, 13, D) for _ in range(3))
+    keep = torch.ones(4, 1, 1, 13, dtype=torch.bool)
+    keep[2, ..., 9:] = False
+    args = (q, k, v, additive(keep))
+    torch.testing.assert_close(run(res.module, args), run(Regrouped(spelling), args))
+
+
+class HalfAttention(nn.Module):
+    """Attention in a 16-bit dtype whose scores go through `cast` (a dtype) before the softmax,
+    or get a float32 additive mask (which promotes them to float32) when `cast` is None."""
+
+    def __init__(self, cast: torch.dtype | None = None):
+        super().__init__()
+        self.cast = cast
+
+    def forward(self, q, k, v, mask):
+        scores = q @ k.transpose(-2, -1) * D**-0.5
+        scores = scores.to(self.cast) if self.cast is not None else scores + mask
+        return scores.softmax(-1).to(v.dtype) @ v
+
+
+def half_inputs(dtype: torch.dtype, fill: float, fully_masked: bool):
+    q, k, v, keep = inputs()
+    if fully_masked:
+        keep[1] = False  # every key of the second batch's rows masked
+    mask = torch.zeros(keep.shape).masked_fill(~keep, fill)
+    return (*(x.to(dtype) for x in (q, k, v)), mask)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cast"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
+def test_a_16_bit_cast_to_the_other_16_bit_dtype_narrows(dtype, cast):
+    """Neither 16-bit float holds the other's values: SDPA in the model's dtype would not round
+    the scores as the model does."""
+    args = half_inputs(dtype, FLOAT32_MIN, fully_masked=False)
+    for how, model in captures(HalfAttention(cast), args):
+        res = attnrewrite.rewrite(model, args, method="sdpa")
+        (site,) = res.report.sites
+        assert site.status == "kept" and "does not hold every" in site.reason, (how, site)
+        assert torch.equal(run(res.module, args), run(model, args)), how
+
+
+@pytest.mark.parametrize(
+    ("fill", "fully_masked"),
+    [(-1e5, True), (FLOAT32_MIN, False)],
+    ids=["fully_masked_row_beyond_float16", "finfo_min_partly_masked_rows"],
+)
+def test_a_float32_mask_in_a_float16_model_keeps_its_values(fill, fully_masked):
+    """A float32 mask value beyond float16's range becomes float16's finfo.min, not -inf: a row
+    whose keys are all masked with -1e5 attends as the model's float32 softmax does (shifted
+    scores), where -inf would give zeros. (The model adds -1e5 in float32, whose spacing there,
+    1/128, rounds the scores: hence the tolerance.)"""
+    args = half_inputs(torch.float16, fill, fully_masked)
+    model = HalfAttention()
+    for how, captured in captures(model, args):
+        res = attnrewrite.rewrite(captured, args, method="sdpa")
+        assert [s.status for s in res.report.sites] == ["replaced"], (how, res.report)
+        got, expected = run(res.module, args), run(model, args)
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+class Wrapped(nn.Module):
+    """A module around a rewritten GraphModule, so torch.export captures it again."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, q, k, v, mask):
+        return self.inner(q, k, v, mask)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("monarch", {"block_size": 5}), ("hsa", {}), ("zeros", {})]
+)
+def test_a_rewritten_model_reports_its_method_ops_as_already_rewritten(method, options):
+    args = inputs()
+    first = attnrewrite.rewrite(
+        Spelled(ATTENTION["additive_mask"]).eval(), args, method=method, **options
+    )
+    assert [s.status for s in first.report.sites] == ["replaced"]
+    expected = run(first.module, args)
+    torch._dynamo.reset()
+    attnrewrite.backend.reports.clear()
+    options = {"method": "sdpa", "inner": "eager"}
+    compiled = torch.compile(first.module, backend="attnrewrite", options=options)
+    fronts = {
+        "export": lambda: attnrewrite.rewrite(Wrapped(first.module), args, method="sdpa"),
+        "graph_module": lambda: attnrewrite.rewrite(first.module, args, method="sdpa"),
+        "symbolic_trace": lambda: attnrewrite.rewrite(
+            torch.fx.symbolic_trace(first.module), args, method="sdpa"
+        ),
+        "compile": lambda: (run(compiled, args), attnrewrite.backend.reports[-1]),
+    }
+    for how, again in fronts.items():
+        res = again()
+        module, report = (compiled, res[1]) if how == "compile" else (res.module, res.report)
+        (site,) = report.sites
+        assert site.status == "kept", (how, site)
+        assert re.match(r"already rewritten: attnrewrite[:.]", site.reason), (how, site.reason)
+        assert site.q_shape == (B, H, N, D), how
+        torch.testing.assert_close(run(module, args), expected, atol=0, rtol=0)
