@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,14 @@ from .methods import get_method
 from .passes.canonicalize import canonicalize
 from .passes.graph_utils import has_values, unchanged_state
 from .passes.substitute import Policy, substitute
+from .policy import check_policy
 from .report import Report
+
+#: The model each graph `capture` returned was captured from, kept as long as the graph lives:
+#: ErrorBudget and distill capture it again at calibration shapes the graph does not accept.
+captured_from: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclasses.dataclass
@@ -43,6 +51,7 @@ def rewrite_graph(
     """
     attention_method = get_method(method)
     parsed = attention_method.parse_options(options or {})
+    check_policy(policy)
     sites = canonicalize(gm)
     probe_masks(gm, sites, example_calls or [])
     if hasattr(policy, "plan"):
@@ -118,6 +127,7 @@ def capture(
                     f"the GraphModule does not run on fake tensors ({type(error).__name__}: "
                     f"{error}).{_data_dependence_hint(error)}"
                 ) from error
+        captured_from[gm] = model
         return gm
     try:
         exported = torch.export.export(
@@ -135,7 +145,9 @@ def capture(
         raise AttnRewriteError(
             f"torch.export could not capture the model ({type(error).__name__}: {error}).{fix}"
         ) from error
-    return exported.module()
+    gm = exported.module()
+    captured_from[gm] = model
+    return gm
 
 
 def _data_dependence_hint(error: Exception) -> str:
@@ -179,6 +191,7 @@ def rewrite(
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     get_method(method).parse_options(options)  # fail before an expensive capture
+    check_policy(policy)
     gm = capture(model, example_inputs, example_kwargs, dynamic_shapes)
     calls = [(tuple(example_inputs), dict(example_kwargs or {}))]
     report = rewrite_graph(gm, method, options, policy, example_calls=calls)
