@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,7 +17,14 @@ from .methods import get_method
 from .passes.canonicalize import canonicalize
 from .passes.graph_utils import has_values, unchanged_state
 from .passes.substitute import Policy, substitute
+from .policy import check_policy
 from .report import Report
+
+#: The model each graph `capture` returned was captured from, kept as long as the graph lives:
+#: ErrorBudget and distill capture it again at calibration shapes the graph does not accept.
+captured_from: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclasses.dataclass
@@ -44,6 +52,7 @@ def rewrite_graph(
     """
     attention_method = get_method(method)
     parsed = attention_method.parse_options(options or {})
+    check_policy(policy)
     sites = canonicalize(gm)
     probe_masks(gm, sites, example_calls or [])
     if hasattr(policy, "plan"):
@@ -151,6 +160,7 @@ def capture(
                     f"the GraphModule does not run on fake tensors ({type(error).__name__}: "
                     f"{error}).{_data_dependence_hint(error)}"
                 ) from error
+        captured_from[gm] = model
         return gm
 
     def export() -> torch.export.ExportedProgram:
@@ -186,7 +196,9 @@ def capture(
         raise AttnRewriteError(
             f"torch.export could not capture the model ({type(error).__name__}: {error}).{fix}"
         ) from error
-    return exported.module()
+    gm = exported.module()
+    captured_from[gm] = model
+    return gm
 
 
 def _check_call(model: Any, example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> None:
@@ -263,6 +275,7 @@ def rewrite(
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     get_method(method).parse_options(options)  # fail before an expensive capture
+    check_policy(policy)
     notes: list[str] = []
     gm = capture(model, example_inputs, example_kwargs, dynamic_shapes, notes)
     calls = [(tuple(example_inputs), dict(example_kwargs or {}))]

@@ -33,9 +33,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .api import RewriteResult
+from .api import RewriteResult, captured_from
+from .budget import Call, ChosenSites, capture_for, split_by_fit
 from .errors import AttnRewriteError
+from .methods.zeros import ZeroSMethod
 from .methods.zeros.adapter import ZeroSAdapter, normalize_output
+from .passes.canonicalize import canonicalize
+from .passes.graph_utils import module_path
+from .passes.substitute import substitute
 
 Batch = Any  # a tuple of positional arguments, a dict of keyword arguments, or one tensor
 
@@ -95,6 +100,9 @@ class _MeanQuery:
         self.count = self.count + weights.sum(dim=(0, 2))
         return adapter.exact(q, k, v, attn_mask)
 
+    def finite(self) -> bool:
+        return _finite(self.total)
+
     def apply(self, adapter: ZeroSAdapter) -> None:
         adapter.init_key_logits(self.total / torch.as_tensor(self.count).clamp_min(1.0))
 
@@ -115,6 +123,9 @@ class _OutputFit:
             terms = (w, w * z, w * y, w * z * z, w * z * y)
             self.moments = [m + t.sum(dim=(0, 2)) for m, t in zip(self.moments, terms, strict=True)]
         return exact
+
+    def finite(self) -> bool:
+        return all(_finite(m) for m in self.moments)
 
     def apply(self, adapter: ZeroSAdapter) -> None:
         if not isinstance(self.moments[0], torch.Tensor):
@@ -153,6 +164,9 @@ class _Capture:
         self.outputs.append(exact.detach())
         return exact
 
+    def finite(self) -> bool:
+        return not self.outputs or _finite(self.outputs[-1])
+
 
 def _exact(adapter, q, k, v, attn_mask):
     """Tap: the site's exact output."""
@@ -175,35 +189,167 @@ class _AgainstTarget:
         return student
 
 
-def _call(module: torch.nn.Module, batch: Batch) -> None:
-    if isinstance(batch, Mapping):
-        module(**batch)
-    elif isinstance(batch, (tuple, list)):
-        module(*batch)
+def _finite(value: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(value)).all())
+
+
+def _non_finite(
+    what: str, site: str, batch: int, step: int | None = None, trained: bool = False
+) -> AttnRewriteError:
+    """The error for a NaN or inf: which batch, site and step, and what to do about it."""
+    if step is not None:
+        where, left = f" at step {step}", "as they were before that step"
+    elif trained:
+        where, left = " after training", "as trained (lower lr if the last steps diverged)"
     else:
-        module(batch)
+        where, left = "", "as they were before this call"
+    return AttnRewriteError(
+        f"distill: calibration batch {batch} gives a non-finite {what} (NaN or inf) at the "
+        f"ZeroS site {site!r}{where}; the adapters are left {left}: drop or fix that batch if "
+        "its inputs or the model's activations on it hold NaN or inf"
+    )
 
 
-def _run_with_taps(module, adapters, taps, batches) -> None:
-    """Run every batch with `taps` installed (no gradients)."""
+def _as_call(batch: Batch) -> Call:
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+class _Runs:
+    """Runs calibration batch i on a module that takes its shapes: the rewritten module where it
+    does, else the original model captured again at them with the same adapters."""
+
+    def __init__(self, module: torch.nn.Module, calls: list[Call]) -> None:
+        self.calls = calls
+        self.modules = [module] * len(calls)
+        _, refused = split_by_fit(module, calls)
+        if not refused:
+            return
+        model = captured_from.get(module)
+        if model is None:
+            raise AttnRewriteError(
+                f"calibration batch {refused[0]} does not fit the shapes the module was captured "
+                "at, and the model it was captured from is unknown here: pass the module (or "
+                "RewriteResult) attnrewrite.rewrite returned, distill at the rewrite's example "
+                "shapes, or rewrite with dynamic_shapes=..."
+            )
+        for graph, indices in capture_for(model, calls, refused):
+            _share_adapters(graph, module, indices[0])
+            for index in indices:
+                self.modules[index] = graph
+
+    def __call__(self, index: int) -> None:
+        args, kwargs = self.calls[index]
+        self.modules[index](*args, **kwargs)
+
+    def all_modules(self) -> list[torch.nn.Module]:
+        """The modules of every graph the batches run on (the rewritten module's first)."""
+        graphs = list({id(m): m for m in self.modules}.values())
+        return list({id(m): m for g in graphs for m in g.modules()}.values())
+
+
+def _attention_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str | None]]:
+    """The graph's attention in order: each canonical SDPA node (None) or ZeroS adapter call (the
+    adapter's name)."""
+    nodes = []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            nodes.append((node, None))
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), ZeroSAdapter):
+            nodes.append((node, node.target))
+    return nodes
+
+
+def _share_adapters(graph: torch.fx.GraphModule, rewritten: torch.nn.Module, batch: int) -> None:
+    """Rewrite `graph` (the model captured again) to call the rewritten module's adapters where
+    the rewritten module does: its attention runs in the same order from the same modules."""
+    _check_same_state(graph, rewritten, batch)
+    sites = {site.sdpa_node: site for site in canonicalize(graph) if site.sdpa_node is not None}
+    ours, theirs = _attention_nodes(rewritten), _attention_nodes(graph)
+    if [module_path(n) for n, _ in ours] != [module_path(n) for n, _ in theirs]:
+        raise AttnRewriteError(
+            f"the model captured at calibration batch {batch}'s shapes attends in other places "
+            f"({[module_path(n) for n, _ in theirs]}) than the rewritten module "
+            f"({[module_path(n) for n, _ in ours]}): distill at the rewrite's example shapes"
+        )
+    chosen = {}
+    for (_, name), (node, _) in zip(ours, theirs, strict=True):
+        if name is not None and node in sites:
+            chosen[id(sites[node])] = (sites[node], name)
+    if len(chosen) != sum(name is not None for _, name in ours):
+        raise AttnRewriteError(
+            f"the model captured at calibration batch {batch}'s shapes has no attention site "
+            "for some of the rewritten module's ZeroS adapters: distill at the rewrite's "
+            "example shapes"
+        )
+    method = ZeroSMethod()
+    options = {key: {"qk_rank": rewritten.get_submodule(name).qk_rank}
+               for key, (_, name) in chosen.items()}  # fmt: skip
+    substitute(graph, list(sites.values()), method, method.parse_options({}), ChosenSites(options))
+    for site, name in chosen.values():
+        shared = rewritten.get_submodule(name)
+        if site.status != "replaced":
+            raise AttnRewriteError(
+                f"at calibration batch {batch}'s shapes ZeroS cannot replace {site.name!r} "
+                f"({site.reason}): distill at the rewrite's example shapes"
+            )
+        fresh = graph.get_submodule(site.options["adapter"])
+        if fresh.extra_repr() != shared.extra_repr():
+            raise AttnRewriteError(
+                f"at calibration batch {batch}'s shapes the site {site.name!r} needs a ZeroS "
+                f"adapter ({fresh.extra_repr()}) unlike the rewritten module's "
+                f"({shared.extra_repr()}): distill at the rewrite's example shapes"
+            )
+        setattr(graph, site.options["adapter"], shared)
+
+
+def _check_same_state(graph: torch.nn.Module, rewritten: torch.nn.Module, batch: int) -> None:
+    """The model captured again computes with the rewritten module's parameters and buffers
+    (captures share them with the model); else the model or the module changed since."""
+    own = {**dict(rewritten.named_parameters()), **dict(rewritten.named_buffers())}
+    for name, value in [*graph.named_parameters(), *graph.named_buffers()]:
+        mine = own.get(name)
+        same = mine is value or (
+            mine is not None
+            and (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device)
+            and torch.equal(mine, value)
+        )
+        if not same:
+            raise AttnRewriteError(
+                f"the model captured again at calibration batch {batch}'s shapes has other "
+                f"weights than the rewritten module ({name!r} differs: the model or the module "
+                "changed since the rewrite): distill at the rewrite's example shapes"
+            )
+
+
+def _run_with_taps(runs: _Runs, adapters, taps) -> None:
+    """Run every batch with `taps` installed (no gradients); stop at a non-finite value."""
     for (_, adapter), tap in zip(adapters, taps, strict=True):
         adapter.tap = tap
     with torch.no_grad():
-        for batch in batches:
-            _call(module, batch)
+        for index in range(len(runs.calls)):
+            runs(index)
+            for (name, _), tap in zip(adapters, taps, strict=True):
+                if not tap.finite():
+                    raise _non_finite("activation", name, index)
 
 
-def _site_losses(module, adapters, batches) -> dict[str, float]:
-    """Mean teacher-forced MSE per site over all batches."""
+def _site_losses(runs: _Runs, adapters, trained: bool) -> dict[str, float]:
+    """Mean teacher-forced MSE per site over all batches (before or after training)."""
     totals = dict.fromkeys((name for name, _ in adapters), 0.0)
     taps = [_TeacherForcing() for _ in adapters]
     for (_, adapter), tap in zip(adapters, taps, strict=True):
         adapter.tap = tap
     with torch.no_grad():
-        for batch in batches:
-            _call(module, batch)
+        for index in range(len(runs.calls)):
+            runs(index)
             for (name, _), tap in zip(adapters, taps, strict=True):
-                totals[name] += float(tap.loss) / len(batches)
+                if not _finite(tap.loss):
+                    raise _non_finite("loss", name, index, trained=trained)
+                totals[name] += float(tap.loss) / len(runs.calls)
     return totals
 
 
@@ -231,10 +377,14 @@ def distill(
     each replaced site reproduces the original attention output on `calibration`.
 
     calibration: batches of model inputs, each a tuple of positional arguments, a dict of
-    keyword arguments, or a single tensor (keep evaluation data out of it). steps: optimizer
-    steps (all at once), or steps per site (layerwise). lr: Adam's learning rate (1e-2 suits the
-    adapters' few parameters). initialize: first set the adapters from data (False continues
-    training adapters distilled before). Returns the loss log; the module is modified in place.
+    keyword arguments, or a single tensor (keep evaluation data out of it), at any batch sizes
+    and lengths: a batch the module's captured graph does not take runs on the original model
+    captured again at its shapes, calling the same adapters. A NaN or inf (in a batch, or from a
+    diverging step) stops it with an error naming the batch and step, the adapters left as they
+    were before that step. steps: optimizer steps (all at once), or steps per site (layerwise).
+    lr: Adam's learning rate (1e-2 suits the adapters' few parameters). initialize: first set the
+    adapters from data (False continues training adapters distilled before). Returns the loss
+    log; the module is modified in place.
     """
     if isinstance(module, RewriteResult):
         module = module.module
@@ -251,22 +401,24 @@ def distill(
     batches = list(calibration)
     if not batches:
         raise AttnRewriteError("calibration is empty: pass at least one batch of model inputs")
+    runs = _Runs(module, [_as_call(batch) for batch in batches])
 
     start = time.perf_counter()
     # Set the flags rather than call eval(): modules from torch.export refuse eval()/train().
-    training = {m: m.training for m in module.modules()}
-    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    modules = runs.all_modules()
+    training = {m: m.training for m in modules}
+    requires_grad = {p: p.requires_grad for m in modules for p in m.parameters()}
     for m in training:
         m.training = False
     try:
-        for p in module.parameters():
+        for p in requires_grad:
             p.requires_grad_(False)
         if initialize:
-            _initialize(module, adapters, batches)
-        initial = _site_losses(module, adapters, batches)
+            _initialize(runs, adapters)
+        initial = _site_losses(runs, adapters, trained=False)
         train = _train_layerwise if layerwise else _train_all
-        losses = train(module, adapters, batches, steps, lr, seed, progress)
-        final = _site_losses(module, adapters, batches)
+        losses = train(runs, adapters, steps, lr, seed, progress)
+        final = _site_losses(runs, adapters, trained=True)
     finally:
         for _, adapter in adapters:
             adapter.tap = None
@@ -279,23 +431,41 @@ def distill(
                       final=final)  # fmt: skip
 
 
-def _initialize(module, adapters, batches) -> None:
-    mean_queries = [_MeanQuery() for _ in adapters]
-    _run_with_taps(module, adapters, mean_queries, batches)
-    for (name, adapter), tap in zip(adapters, mean_queries, strict=True):
-        if not isinstance(tap.count, torch.Tensor):
-            raise AttnRewriteError(
-                f"the calibration inputs never reach the ZeroS site {name!r}; pass inputs that "
-                "run every replaced attention site"
-            )
-        tap.apply(adapter)
-    fits = [_OutputFit() for _ in adapters]
-    _run_with_taps(module, adapters, fits, batches)
-    for (_, adapter), tap in zip(adapters, fits, strict=True):
-        tap.apply(adapter)
+def _initialize(runs: _Runs, adapters) -> None:
+    """Set the adapters from data; on an error they are left as they were."""
+    saved = [p.detach().clone() for _, adapter in adapters for p in adapter.parameters()]
+    try:
+        mean_queries = [_MeanQuery() for _ in adapters]
+        _run_with_taps(runs, adapters, mean_queries)
+        for (name, adapter), tap in zip(adapters, mean_queries, strict=True):
+            if not isinstance(tap.count, torch.Tensor):
+                raise AttnRewriteError(
+                    f"the calibration inputs never reach the ZeroS site {name!r}; pass inputs "
+                    "that run every replaced attention site"
+                )
+            tap.apply(adapter)
+        fits = [_OutputFit() for _ in adapters]
+        _run_with_taps(runs, adapters, fits)
+        for (_, adapter), tap in zip(adapters, fits, strict=True):
+            tap.apply(adapter)
+    except Exception:
+        with torch.no_grad():
+            params = (p for _, adapter in adapters for p in adapter.parameters())
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+        raise
 
 
-def _train_all(module, adapters, batches, steps, lr, seed, progress) -> dict[str, list[float]]:
+def _check_step(adapters, losses, index: int, step: int) -> None:
+    """Before an update: every site's loss and every adapter gradient is finite."""
+    for (name, adapter), loss in zip(adapters, losses, strict=True):
+        if not _finite(loss):
+            raise _non_finite("loss", name, index, step)
+        if not all(p.grad is None or _finite(p.grad) for p in adapter.parameters()):
+            raise _non_finite("gradient", name, index, step)
+
+
+def _train_all(runs: _Runs, adapters, steps, lr, seed, progress) -> dict[str, list[float]]:
     taps = [_TeacherForcing() for _ in adapters]
     params = []
     for (_, adapter), tap in zip(adapters, taps, strict=True):
@@ -305,17 +475,19 @@ def _train_all(module, adapters, batches, steps, lr, seed, progress) -> dict[str
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     losses: dict[str, list[float]] = {name: [] for name, _ in adapters}
-    bar = tqdm(_batch_order(len(batches), steps, seed), desc="distill", disable=not progress)
-    for index in bar:
+    order = _batch_order(len(runs.calls), steps, seed)
+    bar = tqdm(order, desc="distill", disable=not progress)
+    for step, index in enumerate(bar, 1):
         for tap in taps:
             tap.loss = None
-        _call(module, batches[index])
+        runs(index)
         site_losses = [tap.loss for tap in taps]
         if any(loss is None for loss in site_losses):
             raise AttnRewriteError("a calibration batch did not run every ZeroS site")
         total = torch.stack(site_losses).sum()
         optimizer.zero_grad()
         total.backward()
+        _check_step(adapters, site_losses, index, step)
         optimizer.step()
         for (name, _), loss in zip(adapters, site_losses, strict=True):
             losses[name].append(loss.item())
@@ -323,9 +495,9 @@ def _train_all(module, adapters, batches, steps, lr, seed, progress) -> dict[str
     return losses
 
 
-def _train_layerwise(module, adapters, batches, steps, lr, seed, progress):
+def _train_layerwise(runs: _Runs, adapters, steps, lr, seed, progress):
     captures = [_Capture() for _ in adapters]
-    _run_with_taps(module, adapters, captures, batches)
+    _run_with_taps(runs, adapters, captures)
     losses: dict[str, list[float]] = {name: [] for name, _ in adapters}
     bar = tqdm(total=steps * len(adapters), desc="distill", disable=not progress)
     for position, (name, adapter) in enumerate(adapters):
@@ -337,13 +509,14 @@ def _train_layerwise(module, adapters, batches, steps, lr, seed, progress):
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=lr)
-        for index in _batch_order(len(batches), steps, seed):
+        for step, index in enumerate(_batch_order(len(runs.calls), steps, seed), 1):
             tap.batch_index, tap.loss = index, None
-            _call(module, batches[index])
+            runs(index)
             if tap.loss is None:
                 raise AttnRewriteError(f"a calibration batch did not run the ZeroS site {name!r}")
             optimizer.zero_grad()
             tap.loss.backward()
+            _check_step([(name, adapter)], [tap.loss], index, step)
             optimizer.step()
             losses[name].append(tap.loss.item())
             bar.set_postfix(site=name, loss=f"{tap.loss.item():.4g}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,10 +31,17 @@ class Select:
     heads: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.names, str):
-            raise OptionError("Select(names=...) takes a list of glob patterns, not one string")
-        if self.min_seq_len is not None and self.min_seq_len < 0:
-            raise OptionError(f"min_seq_len must be ≥ 0, got {self.min_seq_len}")
+        for option, valid, item, items, example in (
+            ("layers", is_index, "a layer index", "layer indices (ints ≥ 0)", "[0, 2]"),
+            ("names", _is_str, "a glob pattern", "glob patterns (strs)", '["encoder.*"]'),
+            ("heads", is_index, "a head index", "head indices (ints ≥ 0)", "[0, 3]"),
+        ):
+            _check_list(option, getattr(self, option), valid, item, items, example)
+        if self.min_seq_len is not None and not is_index(self.min_seq_len):
+            raise OptionError(
+                f"Select(min_seq_len={self.min_seq_len!r}): min_seq_len must be an int ≥ 0, "
+                "e.g. min_seq_len=512"
+            )
 
     def site_options(self, site: AttentionSite) -> dict[str, Any]:
         return {} if self.heads is None else {"heads": list(self.heads)}
@@ -46,6 +54,43 @@ class Select:
         if self.min_seq_len is not None and _shorter(site.q_len, self.min_seq_len):
             return f"policy: sequence length {site.q_len} < min_seq_len {self.min_seq_len}"
         return None
+
+
+def is_index(value: Any) -> bool:
+    """An int ≥ 0 (numpy's too), not a bool: True would silently mean 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _check_list(
+    option: str, value: Any, valid: Callable[[Any], bool], item: str, items: str, example: str
+) -> None:
+    """`value` is None or a list (any sequence but a string) of valid items; else say so."""
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise OptionError(
+            f"Select({option}={value!r}) takes a list of {items}, e.g. Select({option}={example})"
+        )
+    bad = [x for x in value if not valid(x)]
+    if bad:
+        raise OptionError(
+            f"Select({option}={value!r}): {bad[0]!r} is not {item}; the option takes a list of "
+            f"{items}, e.g. Select({option}={example})"
+        )
+
+
+def check_policy(policy: Any) -> None:
+    """A policy is None or a callable site → reason to keep it (None: replace it)."""
+    if policy is not None and not callable(policy):
+        raise OptionError(
+            f"policy={policy!r} is not a policy: pass a callable site → reason to keep it or "
+            "None, e.g. policy=attnrewrite.Select(layers=[0]) or attnrewrite.ErrorBudget(0.05), "
+            "or policy=None to replace every site"
+        )
 
 
 def _shorter(length: Any, minimum: int) -> bool:

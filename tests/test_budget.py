@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_zoo import ZOO
+from tiny_models import Encoder, encoder_inputs
+from torch.export import Dim
 
 import attnrewrite
+from attnrewrite.api import rewrite_graph
 from attnrewrite.budget import relative_error
 from attnrewrite.flops import exact_attention_flops, site_flops
 
@@ -113,11 +116,7 @@ def test_per_head_budget_replaces_heads_where_whole_sites_do_not_fit(model):
     assert model_error(model, res, held_out) <= 2 * max_error + 1e-6
 
 
-def test_budget_options_are_checked():
-    with pytest.raises(attnrewrite.OptionError, match="max_error must be ≥ 0"):
-        attnrewrite.ErrorBudget(-1.0)
-    with pytest.raises(attnrewrite.OptionError, match="calibration must be a tuple"):
-        attnrewrite.budget._calls([torch.ones(2)])
+def test_per_head_budget_needs_a_stateless_method():
     with pytest.raises(attnrewrite.OptionError, match="per_head=True\\) needs a stateless"):
         ids, mask = batch(0)
         budget = attnrewrite.ErrorBudget(1.0, per_head=True)
@@ -152,9 +151,108 @@ def test_budget_in_train_mode_measures_the_method_not_dropout_and_leaves_no_trac
         assert torch.equal(x, state[name]), name
 
 
-def test_budget_refuses_methods_it_cannot_count_and_calibration_off_the_graph(model):
+def test_budget_refuses_methods_it_cannot_count_and_calibration_off_an_unknown_graph(model):
     with pytest.raises(attnrewrite.OptionError, match="counts for hsa, monarch, not 'zeros'"):
         attnrewrite.rewrite(model, batch(0), method="zeros", policy=attnrewrite.ErrorBudget(0.1))
+    gm = torch.export.export(model, batch(0), strict=False).module()  # not from capture()
     policy = attnrewrite.ErrorBudget(0.1, calibration=[batch(1, n=32)])
-    with pytest.raises(attnrewrite.OptionError, match="calibrate at the example inputs' shapes"):
-        attnrewrite.rewrite(model, batch(0), method="monarch", block_size=8, policy=policy)
+    with pytest.raises(attnrewrite.OptionError, match="the model it was captured from is unknown"):
+        rewrite_graph(gm, "monarch", {"block_size": 8}, policy, example_calls=[(batch(0), {})])
+
+
+def call(batch_size: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch_size, n), generator=g)
+    mask = torch.ones(batch_size, n, dtype=torch.long)
+    mask[-1, n - n // 4 :] = 0
+    return ids, mask
+
+
+AUTO = {0: Dim.AUTO, 1: Dim.AUTO}
+
+
+@pytest.mark.parametrize("case", ["bert", "plain"])
+def test_budget_measures_calibration_at_other_batch_sizes_and_lengths(model, case):
+    """Calibration at the example's shapes and at others: each site's measured error is the one
+    a rewrite captured with dynamic shapes (taking every call as it is) gives on those calls."""
+    if case == "bert":
+        sizes = [(2, 32), (4, 64), (3, 36), (1, 40)]
+        example, calibration = call(4, 64, 0), [call(b, n, i) for i, (b, n) in enumerate(sizes)]
+        options, dynamic = {"block_size": 8}, (AUTO, AUTO)
+    else:
+        model = Encoder().eval()
+        sizes = [(3, 48), (2, 64), (1, 80)]
+        example = encoder_inputs(2, 64)
+        calibration = [encoder_inputs(b, n, seed=i) for i, (b, n) in enumerate(sizes)]
+        options, dynamic = {}, (AUTO, {0: Dim.AUTO, 3: Dim.AUTO})
+    policy = attnrewrite.ErrorBudget(float("inf"), calibration=calibration)
+    res = attnrewrite.rewrite(model, example, method="monarch", policy=policy, **options)
+    assert res.report.sites and all(s.status == "replaced" for s in res.report.sites)
+    for site in res.report.sites:
+        select = attnrewrite.Select(names=[site.name])
+        alone = attnrewrite.rewrite(
+            model, example, method="monarch", policy=select, dynamic_shapes=dynamic, **options
+        )
+        with torch.no_grad():
+            got = [alone.module(*c).double() for c in calibration]
+            expected = [model(*c).double() for c in calibration]
+        assert site.measured_error == pytest.approx(relative_error(got, expected), rel=1e-2)
+        assert site.measured_error > 1e-6
+
+
+def nan_call(call):
+    x, mask = call
+    x = x.clone()
+    x[0, 1, 2] = float("nan")
+    return x, mask
+
+
+@pytest.mark.parametrize(
+    ("calibration", "example", "message"),
+    [
+        ([], encoder_inputs(2, 16), "calibration is empty"),
+        ([encoder_inputs(2, 16, seed=1), nan_call(encoder_inputs(2, 16, seed=2))],
+         encoder_inputs(2, 16), "calibration call 1 gives non-finite outputs"),
+        ([encoder_inputs(3, 8, seed=1), nan_call(encoder_inputs(1, 12, seed=2))],
+         encoder_inputs(2, 16), "calibration call 1 gives non-finite outputs"),
+        (None, nan_call(encoder_inputs(2, 16)), "example call 0 gives non-finite outputs"),
+    ],
+)  # fmt: skip
+def test_budget_refuses_calibration_it_cannot_measure_on(calibration, example, message):
+    with pytest.raises(attnrewrite.OptionError, match=message):
+        policy = attnrewrite.ErrorBudget(0.01, calibration=calibration)
+        attnrewrite.rewrite(Encoder().eval(), example, method="monarch", policy=policy)
+
+
+def test_an_output_that_is_not_finite_is_an_infinite_error():
+    expected = [torch.ones(3)]
+    assert relative_error([torch.tensor([1.0, float("nan"), 1.0])], expected) == float("inf")
+    assert relative_error([torch.tensor([1.0, float("inf"), 1.0])], expected) == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: attnrewrite.rewrite(Encoder(), encoder_inputs(2, 16), method="monarch",
+                                     policy="layers 0"),
+         r"policy='layers 0' is not a policy: pass a callable .*Select\(layers=\[0\]\)"),
+        (lambda: attnrewrite.Select(layers=3), r"Select\(layers=3\) takes a list of layer ind"),
+        (lambda: attnrewrite.Select(names="encoder.*"), r"list of glob patterns .*names=\["),
+        (lambda: attnrewrite.Select(min_seq_len="8"), r"min_seq_len must be an int ≥ 0, e.g."),
+        (lambda: attnrewrite.Select(min_seq_len=-1), r"min_seq_len must be an int ≥ 0"),
+        (lambda: attnrewrite.Select(heads=[True]), r"True is not a head index;.*heads=\[0, 3\]"),
+        (lambda: attnrewrite.Select(layers=[0.5]), r"0.5 is not a layer index"),
+        (lambda: attnrewrite.ErrorBudget("0.1"), r"max_error must be a number ≥ 0 .* got '0.1'"),
+        (lambda: attnrewrite.ErrorBudget(-1.0), r"max_error must be a number ≥ 0"),
+        (lambda: attnrewrite.ErrorBudget(0.1, calibration=()), r"\(\), a call without inputs"),
+        (lambda: attnrewrite.ErrorBudget(0.1, calibration={}), r"\{\}, a call without inputs"),
+        (lambda: attnrewrite.ErrorBudget(0.1, calibration=torch.ones(2)), "is one tensor"),
+        (lambda: attnrewrite.ErrorBudget(0.1, calibration=[torch.ones(2)]),
+         "call 0 is a Tensor"),
+        (lambda: attnrewrite.ErrorBudget(0.1, candidates={"block_size": 8}),
+         "pass a list of option sets"),
+    ],
+)  # fmt: skip
+def test_bad_policies_are_errors_that_name_the_fix(make, message):
+    with pytest.raises(attnrewrite.OptionError, match=message):
+        make()
