@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
 from ..methods.gqa import expand_gqa
-from ..methods.hsa.reference import hsa_attention_reference
+from ..methods.hsa.reference import hsa_attention_reference, with_masked_rows
 from ..methods.masks import is_causal_padding_mask, key_mask_terms, per_token, with_causal
 from ..methods.monarch.reference import default_block_size
 from ..methods.monarch.stages import MonarchConfig, monarch_forward
@@ -233,7 +233,8 @@ def hsa_spec(
 
 def _hsa_approximation(q, k, v, key_bias, query_weight, **options):
     valid = None if query_weight is None else query_weight > 0
-    return hsa_attention_reference(q, k, v, key_bias, valid, **options)
+    out = hsa_attention_reference(q, k, v, key_bias, valid, **options)
+    return with_masked_rows(out, v, key_bias, valid, options["is_causal"])
 
 
 #: ZeroS functions run the causal form with chunks of one token: the recurrence over tokens is an

@@ -19,7 +19,13 @@ from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off, autograd_inside_op, save_sdpa_like_inputs
-from .reference import check_branching, hierarchy, hsa_attention_reference
+from .reference import (
+    check_branching,
+    hierarchy,
+    hsa_attention_reference,
+    masked_rows,
+    with_masked_rows,
+)
 
 TRITON_CPU_VARIABLE = "ATTNREWRITE_TRITON_CPU"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,10 +131,12 @@ def _forward(
     if uses_triton(q, sizes):
         from ...kernels.hsa import hsa_forward
 
-        return hsa_forward(q, k, v, key_bias, valid, scale, sizes, is_causal)
-    return hsa_attention_reference(
-        q, k, v, key_bias, valid, scale=scale, branching=sizes, is_causal=is_causal
-    )
+        out = hsa_forward(q, k, v, key_bias, valid, scale, sizes, is_causal)
+    else:
+        out = hsa_attention_reference(
+            q, k, v, key_bias, valid, scale=scale, branching=sizes, is_causal=is_causal
+        )
+    return with_masked_rows(out, v, key_bias, valid, is_causal)
 
 
 @torch.library.custom_op(
@@ -204,6 +212,27 @@ def _(grad_out, q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fal
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _masked_rows_backward(
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    is_causal: bool,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the output gradient left for the tree, v's gradient through `masked_rows`): rows that
+    see no valid key take SDPA's output, so their gradient reaches the values they average
+    (by autograd: a sum or prefix sum) and not the tree."""
+    with torch.enable_grad():
+        v_leaf = v.detach().to(torch.promote_types(v.dtype, torch.float32)).requires_grad_()
+        found = masked_rows(v_leaf, key_bias, valid, is_causal)
+    if found is None:
+        return grad_out, None
+    rows, values = found
+    grad = grad_out.to(values.dtype).masked_fill(~rows, 0.0)
+    (d_v,) = torch.autograd.grad(values, v_leaf, grad)
+    return grad_out.masked_fill(rows, 0.0), d_v
+
+
 def _setup_context(ctx, inputs, output):
     save_sdpa_like_inputs("HSA", ctx, inputs)
 
@@ -222,9 +251,12 @@ def _backward(ctx, grad_out):
 
         key_bias, valid, is_causal = terms
         k_heads, v_heads = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
+        grad_out, d_v_rows = _masked_rows_backward(v_heads, key_bias, valid, is_causal, grad_out)
         dq, dk, dv = hsa_backward(
             q, k_heads, v_heads, key_bias, valid, scale, tuple(branching), is_causal, grad_out
         )
+        if d_v_rows is not None:
+            dv = dv + d_v_rows.to(dv.dtype)
         dk, dv = reduce_gqa(dk, k), reduce_gqa(dv, v)
     else:
         dq, dk, dv = hsa_attention_backward_op(grad_out, q, k, v, attn_mask, *ctx.options)
