@@ -19,6 +19,7 @@ from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off, autograd_inside_op, save_sdpa_like_inputs
+from ..shapes import has_no_output
 from .reference import (
     check_branching,
     hierarchy,
@@ -35,10 +36,11 @@ def uses_triton(q: torch.Tensor, branching: Sequence[int]) -> bool:
     """Whether these inputs run the Triton kernels (else the PyTorch reference).
 
     The kernels cover trees with at least one level below the root (a lone root family is plain
-    softmax, left to PyTorch) whose groups below the root are at most the kernels' largest tile.
+    softmax, left to PyTorch) whose groups below the root are at most the kernels' largest tile,
+    and calls with an output and logits (`_forward` runs the others without a tree).
     """
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get(TRITON_CPU_VARIABLE) == "1")
-    if not on_device or q.dtype not in TRITON_DTYPES:
+    if not on_device or q.dtype not in TRITON_DTYPES or q.shape[-1] == 0:
         return False
     from ...kernels.hsa import MAX_GROUP
 
@@ -118,8 +120,12 @@ def _forward(
 ) -> torch.Tensor:
     sizes = check_branching(branching)
     _check_lengths(q, k)
+    if has_no_output(q, v):  # SDPA's empty output (the tree needs a sequence to work on)
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
     terms = _key_terms(q, attn_mask, is_causal, fallback)
-    if terms is None:  # exact: a mask HSA cannot honor, or causal attention in a graph
+    # exact: a mask HSA cannot honor, causal attention in a graph, or d = 0 (no logits to
+    # approximate: every q·k is 0, SDPA's softmax of the mask alone)
+    if terms is None or q.shape[-1] == 0:
         if is_causal and attn_mask is not None:
             attn_mask = with_causal(attn_mask, q.shape[-2], k.shape[-2])
         return F.scaled_dot_product_attention(
@@ -199,6 +205,8 @@ def hsa_attention_backward_op(
     An op of its own, so that a training graph traced by torch.compile or torch.export holds one
     opaque call: a traced reference would specialize the graph to the tree of one length.
     """
+    if has_no_output(q, v):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     with autograd_inside_op():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         out = _forward(*leaves, attn_mask, scale, branching, is_causal, enable_gqa, fallback)
@@ -245,7 +253,8 @@ def _backward(ctx, grad_out):
     q, k, v = saved[:3]
     attn_mask = saved[3] if ctx.has_mask else None
     scale, branching, is_causal, enable_gqa, fallback = ctx.options
-    terms = _key_terms(q, attn_mask, is_causal, fallback) if uses_triton(q, branching) else None
+    triton = uses_triton(q, branching) and not has_no_output(q, v)
+    terms = _key_terms(q, attn_mask, is_causal, fallback) if triton else None
     if terms is not None:
         from ...kernels.hsa import hsa_backward
 

@@ -59,6 +59,7 @@ import torch
 
 from ...errors import OptionError
 from ..masks import per_token
+from ..shapes import softmax_scale
 
 
 def check_branching(branching: Sequence[int]) -> tuple[int, ...]:
@@ -226,7 +227,7 @@ def descend(
     diagonal kept, so the second result is the output and the first is P(i).
     """
     groups, families, size, _ = weights.shape
-    values = v_mean.reshape(groups, families, size, -1)
+    values = v_mean.reshape(groups, families, size, v_mean.shape[-1])
     self_weight = weights.diagonal(dim1=-2, dim2=-1)
     if not leaf:
         eye = torch.eye(size, dtype=torch.bool, device=weights.device)
@@ -347,7 +348,7 @@ def hsa_attention_reference(
     """
     *batch, n, d = q.shape
     dv = v.shape[-1]
-    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    s = softmax_scale(scale, d)
     sizes = hierarchy(n, check_branching(branching))
     groups = math.prod(batch)
     stats = torch.promote_types(q.dtype, torch.float32)

@@ -16,6 +16,7 @@ import torch
 
 from ...errors import UnsupportedInputError, warn_once
 from ..op_context import autocast_off
+from ..shapes import has_no_output
 from .linear import PreparedInputs, prepare_inputs, zeros_linear, zeros_linear_backward
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,6 +74,12 @@ def zeros_attention_linear(
     return inputs.unflatten(zeros_linear(inputs, is_causal, chunk_size)).to(q.dtype)
 
 
+def _all_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every output is 0 without computing: there is none (`has_no_output`), no key (the
+    empty sum), or d = 0 (q̂·k̂ of empty vectors is 0); the chunked forms need all three."""
+    return has_no_output(q, v) or k.shape[-2] == 0 or q.shape[-1] == 0
+
+
 def _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask):
     if not use_triton_kernels(q, v):
         return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
@@ -97,7 +104,7 @@ def zeros_attention_op(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ZeroS attention; shapes as checked by `zeros_attention` (logits and gates unbroadcast)."""
-    if q.shape[-2] == 0 or k.shape[-2] == 0:  # no query, or no key: the empty sum
+    if _all_zero(q, k, v):
         return q.new_zeros((*q.shape[:-1], v.shape[-1]))
     return _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask)
 
@@ -134,7 +141,7 @@ def zeros_attention_backward_op(
     backend that ran the forward. An op of its own, so that a backward graph traced by
     torch.compile holds one opaque call (no kernel launch on fake tensors)."""
     differentiable = (q, k, v, key_logits, gate_first, gate_residual)
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
+    if _all_zero(q, k, v):
         return [torch.zeros_like(x) for x in differentiable]
     inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
     flat_grad = grad_out.reshape(-1, *grad_out.shape[-2:])
