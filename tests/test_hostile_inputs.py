@@ -208,14 +208,14 @@ def test_bad_zeros_inputs_are_named(position: int, change, message: str):
 @pytest.mark.parametrize(
     ("mask", "message"),
     [
-        ([True] * 8, "key_padding_mask must be a bool tensor or None, got list"),
-        (torch.ones(8, dtype=torch.bool, device="meta"), "key_padding_mask is on meta but q is"),
+        ([True] * 8, "attn_mask must be a bool tensor or None, got list"),
+        (torch.ones(8, dtype=torch.bool, device="meta"), "attn_mask is on meta but q is"),
         (torch.ones(8), r"must be bool \(True = attend\), got torch\.float32; for an additive"),
     ],
 )
 def test_bad_zeros_masks_are_named(mask: Any, message: str):
     with pytest.raises(attnrewrite.UnsupportedInputError, match=message):
-        attnrewrite.zeros_attention(*zeros_inputs(), key_padding_mask=mask)
+        attnrewrite.zeros_attention(*zeros_inputs(), attn_mask=mask)
 
 
 # Empty and one-token sequences --------------------------------------------------------------------

@@ -181,14 +181,12 @@ def test_zeros_is_finite_and_matches_its_reference(n_q, n_k, dtype, is_causal, p
     k, v = (torch.randn(B, 2, n_k, 8, generator=g).to(dtype) for _ in range(2))
     logits = 3 * torch.randn(B, 2, n_k, generator=g)
     gates = [torch.rand(B, 2, n_q, generator=g) for _ in range(2)]
-    mask = None if pattern is None else valid_keys((pattern,) * B, n_k, g)[:, None, :]
-    out = attnrewrite.zeros_attention(
-        q, k, v, logits, *gates, is_causal=is_causal, key_padding_mask=mask
-    )
+    mask = None if pattern is None else valid_keys((pattern,) * B, n_k, g)
+    out = attnrewrite.zeros_attention(q, k, v, logits, *gates, is_causal=is_causal, attn_mask=mask)
     assert out.shape == (B, 2, n_q, 8) and torch.isfinite(out).all()
     expected = zeros_attention_reference(
         q.float(), k.float(), v.float(), logits, *gates, is_causal=is_causal,
-        key_padding_mask=mask,
+        key_valid=None if mask is None else mask[:, None, :],
     )  # fmt: skip
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)

@@ -262,23 +262,23 @@ def zeros_spec(
     gate_first: Any,
     gate_residual: Any,
     is_causal: bool = False,
-    key_padding_mask: Any = None,
+    key_valid: Any = None,
     **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::zeros_attention` call (the functional op)."""
     _refuse_unknown("zeros_attention", "zeros_spec", unknown)
     inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
-    if key_padding_mask is not None:
-        inputs.append(("key_padding_mask", TensorLayout.of(key_padding_mask)))
+    if key_valid is not None:
+        inputs.append(("key_valid", TensorLayout.of(key_valid)))
     body = functools.partial(_zeros_body, is_causal=is_causal)
     return FunctionSpec("ZeroSAttention", (("causal", is_causal),), tuple(inputs), body,
                         cross=_may_differ(q.shape[-2], k.shape[-2]))  # fmt: skip
 
 
-def _zeros_body(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask=None, *,
+def _zeros_body(q, k, v, key_logits, gate_first, gate_residual, key_valid=None, *,
                 is_causal):  # fmt: skip
     return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
-                                  key_padding_mask, _ZEROS_CHUNK)  # fmt: skip
+                                  key_valid, _ZEROS_CHUNK)  # fmt: skip
 
 
 def zeros_site_spec(

@@ -101,8 +101,9 @@ def zeros_site_attention_op(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out, torch.tensor(True, device=q.device)
     logits, key_valid, causal = terms
+    attn_mask = None if key_valid is None else key_valid[..., None, :]  # (..., 1, Nk)
     out = zeros_attention(q, k, v, logits, gate_first, gate_residual, is_causal=causal,
-                          key_padding_mask=key_valid)  # fmt: skip
+                          attn_mask=attn_mask)  # fmt: skip
     return out, torch.tensor(False, device=q.device)
 
 
