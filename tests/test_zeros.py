@@ -26,6 +26,7 @@ from torch import nn
 import attnrewrite
 from attnrewrite.distill import distill
 from attnrewrite.errors import WARNED
+from attnrewrite.methods.base import RUN_TIME_MASK_CHECK
 from attnrewrite.methods.zeros import (
     ZeroSAdapter,
     ZeroSMethod,
@@ -624,7 +625,9 @@ def test_rewrite_adds_one_adapter_per_site_and_reports_that_it_needs_distillatio
     assert [s.status for s in result.report.sites] == ["replaced", "replaced"]
     adapters = dict(result.module.named_children())
     for site in result.report.sites:
+        # the model's (B, 1, N, N) mask is classified per call
         assert site.options == {"qk_rank": 2, "needs_distillation": True,
+                                "mask_check": RUN_TIME_MASK_CHECK,
                                 "adapter": f"zeros_{site.name.replace('.', '_')}"}  # fmt: skip
         adapter = adapters[site.options["adapter"]]
         assert isinstance(adapter, ZeroSAdapter) and adapter.qk_rank == 2
@@ -685,6 +688,18 @@ def test_site_mask_terms_accept_key_and_causal_masks_only():
     wrong_upper = causal.clone()
     wrong_upper[0, 3] = True
     assert site_mask_terms(wrong_upper, batch, n, n, torch.float32) is None
+
+
+def test_an_adapter_refuses_a_mask_that_needs_a_gradient():
+    """The site op gives attn_mask no gradient: a trainable bias must not silently stop training
+    (rewrite keeps such sites where the graph records it; symbolic_trace does not)."""
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 1, 1, 8, requires_grad=True)
+    adapter = ZeroSAdapter(2, 4, 4)
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="no gradient for attn_mask"):
+        adapter(q, k, v, bias)
+    adapter(q, k, v, bias.detach()).sum().backward()
+    assert q.grad is not None
 
 
 def test_a_mask_zeros_cannot_honor_runs_exact_attention_with_a_warning():

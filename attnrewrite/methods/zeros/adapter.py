@@ -31,6 +31,7 @@ from torch import nn
 
 from ..gqa import expand_gqa
 from ..masks import site_mask_terms, warn_exact_fallback
+from ..op_context import refuse_trainable_mask
 from .op import use_triton_kernels, zeros_attention, zeros_attention_backward_op
 
 LAYER_NORM_EPS = 1e-5
@@ -148,6 +149,7 @@ def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, attn_mask, is_ca
 
 def _setup_context(ctx, inputs, output):
     *tensors, attn_mask, is_causal, scale = inputs
+    refuse_trainable_mask("ZeroS", attn_mask)
     ctx.has_mask = attn_mask is not None
     ctx.options = (is_causal, scale)
     ctx.save_for_backward(*tensors, *([attn_mask] if ctx.has_mask else []))
