@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import attnrewrite
 import attnrewrite.backend
+from attnrewrite.errors import WARNED
 
 OPTIONS = {"monarch": {"block_size": 4}, "hsa": {"branching": (4, 2)}, "zeros": {}}
 N, HEADS = 16, 2
@@ -68,6 +69,15 @@ def test_a_mask_checked_per_call_is_replaced_with_a_note_that_says_so(method: st
     assert f"mask_check={site.options['mask_check']}" in str(res.report)
 
 
+@pytest.fixture
+def warnings_shown_once_stay_unshown():
+    """The one-time warnings this test triggers stay for the tests that expect them."""
+    shown = set(WARNED)
+    yield
+    WARNED.intersection_update(shown)
+
+
+@pytest.mark.usefixtures("warnings_shown_once_stay_unshown")
 @pytest.mark.parametrize("method", OPTIONS)
 def test_under_compile_an_alibi_site_is_reported_to_run_exact_attention(method: str):
     """torch.compile's backend cannot run the example inputs through the graph (the probe needs
