@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError, UnsupportedInputError
-from .methods.zeros.op import zeros_attention
+from .methods.zeros.op import refuse_key_padding_mask, zeros_attention
 
 __all__ = ["ZeroSAttention", "apply_rope", "deviation_logits"]
 
@@ -20,18 +20,19 @@ def deviation_logits(
     log_prior_weight: torch.Tensor,
     *,
     is_causal: bool,
-    key_padding_mask: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's key logits s_i = −u_i·ū_i/√d, ū_i = (e^τ μ + Σ_j u_j)/(e^τ + #j).
 
     u (B, H, N, d); mu (H, d) and log_prior_weight τ (H,): a prior mean worth e^τ tokens. The
     sums run over j ≤ i when causal and over every token otherwise (the bidirectional reading of
-    the paper's running mean), masked tokens excluded. A token is scored by how far it deviates
-    from the mean of its context. Returns (B, H, N).
+    the paper's running mean), tokens where key_valid (bool, broadcastable to (B, H, N)) is
+    False excluded. A token is scored by how far it deviates from the mean of its context.
+    Returns (B, H, N).
     """
     weight = torch.ones(u.shape[:-1], dtype=u.dtype, device=u.device)
-    if key_padding_mask is not None:
-        weight = weight * key_padding_mask.to(u.dtype)
+    if key_valid is not None:
+        weight = weight * key_valid.to(u.dtype)
     weighted = u * weight[..., None]
     if is_causal:
         total, count = weighted.cumsum(dim=-2), weight.cumsum(dim=-1)
@@ -108,26 +109,40 @@ class ZeroSAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        key_padding_mask: object = None,
     ) -> torch.Tensor:
-        """key_padding_mask: (B, N) bool, True = a real token (padding is excluded everywhere)."""
-        if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]
+        """attn_mask: (B, N) bool in SDPA's convention, True = a real token (padding is
+        excluded everywhere). key_padding_mask is refused: torch reads that name with
+        True = ignore."""
+        refuse_key_padding_mask("ZeroSAttention", key_padding_mask)
+        if attn_mask is not None and (
+            not isinstance(attn_mask, torch.Tensor)
+            or attn_mask.dtype != torch.bool
+            or attn_mask.shape != x.shape[:2]
         ):
+            got = (
+                f"{attn_mask.dtype} {tuple(attn_mask.shape)}"
+                if isinstance(attn_mask, torch.Tensor)
+                else type(attn_mask).__name__
+            )
             raise UnsupportedInputError(
-                f"key_padding_mask must be a (B, N) = {tuple(x.shape[:2])} bool tensor (True = a "
-                f"real token), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                f"attn_mask must be a (B, N) = {tuple(x.shape[:2])} bool tensor (True = a real "
+                f"token), got {got}"
             )
         q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         if self.rope:
             q, k = apply_rope(q, self.rope_base), apply_rope(k, self.rope_base)
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, :]
+        key_valid = None if attn_mask is None else attn_mask[:, None, :]
         logits = deviation_logits(
             self._heads(self.logit_input(x)), self.mu, self.log_prior_weight,
-            is_causal=self.is_causal, key_padding_mask=mask,
+            is_causal=self.is_causal, key_valid=key_valid,
         )  # fmt: skip
         gate_first, gate_residual = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(2, dim=1)
         o = zeros_attention(q, k, v, logits, gate_first, gate_residual, is_causal=self.is_causal,
-                            key_padding_mask=mask)  # fmt: skip
+                            attn_mask=attn_mask)  # fmt: skip
         o = F.layer_norm(o, o.shape[-1:])
         return self.out(o.transpose(1, 2).flatten(2))

@@ -23,6 +23,7 @@ from attnrewrite.backend import parse_backend_options
 from attnrewrite.errors import WARNED
 from attnrewrite.methods.hsa import hsa_attention_reference
 from attnrewrite.methods.hsa.op import TRITON_CPU_VARIABLE
+from attnrewrite.methods.masks import with_causal
 from attnrewrite.methods.monarch import kernel_backend, monarch_attention_reference
 from attnrewrite.methods.zeros import force_triton_kernels, zeros_attention_reference
 
@@ -207,14 +208,14 @@ def test_bad_zeros_inputs_are_named(position: int, change, message: str):
 @pytest.mark.parametrize(
     ("mask", "message"),
     [
-        ([True] * 8, "key_padding_mask must be a bool tensor or None, got list"),
-        (torch.ones(8, dtype=torch.bool, device="meta"), "key_padding_mask is on meta but q is"),
+        ([True] * 8, "attn_mask must be a bool tensor or None, got list"),
+        (torch.ones(8, dtype=torch.bool, device="meta"), "attn_mask is on meta but q is"),
         (torch.ones(8), r"must be bool \(True = attend\), got torch\.float32; for an additive"),
     ],
 )
 def test_bad_zeros_masks_are_named(mask: Any, message: str):
     with pytest.raises(attnrewrite.UnsupportedInputError, match=message):
-        attnrewrite.zeros_attention(*zeros_inputs(), key_padding_mask=mask)
+        attnrewrite.zeros_attention(*zeros_inputs(), attn_mask=mask)
 
 
 # Empty and one-token sequences --------------------------------------------------------------------
@@ -244,6 +245,69 @@ def test_one_token_gives_its_value_row_or_zero_when_masked(method, is_causal: bo
     expected = F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out, v if key_mask is not False else torch.zeros_like(v))
+
+
+#: (B, H, N, d, dv) with one size 0 besides N: an empty batch, no heads, d = 0 (every logit is an
+#: empty sum: SDPA's softmax of the mask alone, the mean value without one), dv = 0.
+EMPTY_DIMS = {
+    "batch": (0, 2, 8, 4, 4),
+    "heads": (1, 0, 8, 4, 4),
+    "d": (1, 2, 8, 0, 4),
+    "dv": (1, 2, 8, 4, 0),
+}
+
+
+def empty_dims_inputs(dims: str, masked: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """q, k, v (requiring grad) of EMPTY_DIMS[dims], and a key-padding mask or None."""
+    b, h, n, d, dv = EMPTY_DIMS[dims]
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=g).requires_grad_()
+    mask = torch.arange(n) < n - 3 if masked else None
+    return [q, k, v], None if mask is None else mask.expand(b, 1, 1, n)
+
+
+def outputs_and_grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    grad_out = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape) % 5 - 2.0
+    return [out, *torch.autograd.grad(out, inputs, grad_out, allow_unused=True)]
+
+
+@pytest.mark.parametrize("method", ["monarch", "hsa"])
+@pytest.mark.parametrize("dims", EMPTY_DIMS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_empty_dims_give_what_sdpa_gives(method: str, dims: str, masked: bool, is_causal: bool):
+    """An empty batch, no heads or dv = 0: an empty output and gradients; d = 0: SDPA's output
+    (no logits to approximate) and gradients. Never a crash in the chunking or reshapes."""
+    inputs, mask = empty_dims_inputs(dims, masked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HSA's causal variant warns about its use
+        out = attnrewrite.attention(*inputs, mask, is_causal, method=method,
+                                    **SOFTMAX_METHODS[method])  # fmt: skip
+    if is_causal and mask is not None:  # SDPA takes the two combined
+        n = inputs[0].shape[-2]
+        mask, is_causal = with_causal(mask, n, n), False
+    expected = F.scaled_dot_product_attention(*inputs, mask, is_causal=is_causal)
+    for got, want in zip(outputs_and_grads(out, inputs), outputs_and_grads(expected, inputs),
+                         strict=True):  # fmt: skip
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dims", EMPTY_DIMS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_zeros_on_empty_dims_gives_its_reference(dims: str, is_causal: bool):
+    """ZeroS on the same sizes: its reference's output (0 for d = 0: q̂·k̂ is an empty sum) and
+    gradients."""
+    (q, k, v), _ = empty_dims_inputs(dims, masked=False)
+    b, h, n, _, _ = EMPTY_DIMS[dims]
+    inputs = [q, k, v, *(torch.rand(b, h, n).requires_grad_() for _ in range(3))]
+    out = attnrewrite.zeros_attention(*inputs, is_causal=is_causal)
+    expected = zeros_attention_reference(*inputs, is_causal=is_causal)
+    for got, want in zip(outputs_and_grads(out, inputs), outputs_and_grads(expected, inputs),
+                         strict=True):  # fmt: skip
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("n", [0, 1])
@@ -354,7 +418,7 @@ def test_kernels_propagate_nan_in_the_triton_interpreter():
     of this file in a subprocess with TRITON_INTERPRET=1 (as test_monarch_kernels.py does)."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "test_kernels_hide_no_nan"],
+         "test_kernels_hide_no_nan or test_kernels_take_empty_dims"],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
         cwd=Path(__file__).parent.parent,
     )  # fmt: skip
@@ -398,6 +462,37 @@ def test_kernels_hide_no_nan(method: str, poisoned: int, monkeypatch: pytest.Mon
     assert (nonfinite_rows(kernels) >= nonfinite_rows(expected)).all()
 
 
+@pytest.mark.skipif(
+    KERNEL_DEVICE is None,
+    reason="run by test_kernels_propagate_nan_in_the_triton_interpreter (subprocess)",
+)
+@pytest.mark.parametrize("method", ["monarch", "hsa", "zeros"])
+@pytest.mark.parametrize("dims", EMPTY_DIMS)
+def test_kernels_take_empty_dims(method: str, dims: str, monkeypatch: pytest.MonkeyPatch):
+    """With the kernels dispatched, the sizes of EMPTY_DIMS give what the PyTorch path gives,
+    gradients too."""
+    (q, k, v), _ = empty_dims_inputs(dims, masked=False)
+    b, h, n, _, _ = EMPTY_DIMS[dims]
+    tensors = [q, k, v]
+    if method == "zeros":
+        tensors += [torch.randn(b, h, n), torch.rand(b, h, n), torch.rand(b, h, n)]
+
+    def run(device: str) -> list[torch.Tensor]:
+        inputs = [x.detach().to(device).requires_grad_() for x in tensors]
+        if method == "zeros":
+            out = attnrewrite.zeros_attention(*inputs)
+        else:
+            out = attnrewrite.attention(*inputs, method=method, **SOFTMAX_METHODS[method])
+        return [x.cpu() for x in outputs_and_grads(out, inputs)]
+
+    expected = run("cpu")
+    with kernels_forced(monkeypatch):
+        got = run(KERNEL_DEVICE)
+    for x, want in zip(got, expected, strict=True):
+        assert x.shape == want.shape
+        torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["monarch", "hsa"])
 def test_a_mask_that_needs_a_gradient_is_refused_where_none_is_given(method: str):
     """Monarch and HSA differentiate q, k and v only: a trainable bias must not silently stop
@@ -415,8 +510,10 @@ def test_a_mask_that_needs_a_gradient_is_refused_where_none_is_given(method: str
     assert bias.grad is not None
 
 
-@pytest.mark.parametrize("method", ["monarch", "hsa"])
+@pytest.mark.parametrize("method", ["monarch", "hsa", "zeros"])
 def test_rewrite_keeps_a_site_whose_mask_trains(method: str):
+    """No approximate method gives the mask a gradient: a trainable bias keeps its site."""
+
     class Biased(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -428,7 +525,7 @@ def test_rewrite_keeps_a_site_whose_mask_trains(method: str):
             return torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + self.bias, -1) @ v
 
     model, x = Biased(), torch.randn(2, 1, 16, 8)
-    res = attnrewrite.rewrite(model, (x,), method=method, **SOFTMAX_METHODS[method])
+    res = attnrewrite.rewrite(model, (x,), method=method, **SOFTMAX_METHODS.get(method, {}))
     (site,) = res.report.sites
     assert site.status == "kept" and "mask is trainable" in site.reason
     res.module(x).sum().backward()

@@ -17,6 +17,7 @@ import torch
 
 import attnrewrite
 from attnrewrite.errors import OptionError, UnsupportedInputError
+from attnrewrite.methods import masks
 from attnrewrite.methods.hsa import (
     HSAMethod,
     HSAOptions,
@@ -340,6 +341,69 @@ def test_float_masks_with_finfo_min_and_equal_row_full_masks_act_like_key_masks(
         torch.testing.assert_close(got, by_bool, atol=1e-6, rtol=1e-6)
 
 
+def edge_masks(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key masks (4, 1, 1, n) at the edges of SDPA's semantics: every key at finfo.min
+    (Hugging Face's mask value), left padding at finfo.min (causal rows before the first real
+    key see none), a NaN bias, and finfo.min keys followed by −inf ones."""
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(4, 1, 1, n, dtype=dtype)
+    mask[0] = lowest
+    mask[1, ..., :5] = lowest
+    mask[2, ..., 3] = math.nan
+    mask[3, ..., : n // 2], mask[3, ..., n // 2 :] = lowest, -math.inf
+    return mask
+
+
+def run_hsa_op(q, k, v, mask, branching, causal):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HSA's causal variant warns about its use
+        return hsa_attention_op(q, k, v, mask, None, list(branching), causal)
+
+
+def hsa_and_softmax(q, k, v, mask, branching, causal):
+    """HSA's output (the op) and exact attention's for the same mask, causal or not: SDPA's, and
+    eager softmax's (equal to SDPA's where a row sees a finite logit), whose gradients are
+    exact where SDPA's are not: SDPA's backward recomputes P = exp(S − logsumexp(S)), and at
+    finfo.min the log-sum-exp rounds to S, so every P of a row that sees no valid key is 1."""
+    n = q.shape[-2]
+    out = run_hsa_op(q, k, v, mask, branching, causal)
+    mask = masks.with_causal(mask, n, n) if causal else mask
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask
+    return out, sdpa, torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("branching", [(), (4, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_without_a_valid_key_and_nan_masks_give_what_sdpa_gives(branching, causal):
+    """SDPA spreads a row whose keys are all at finfo.min evenly over them (their mean value),
+    and a NaN bias makes every row that sees it NaN: HSA gives the same, not 0 for the one and
+    finite rows for the other. One level (branching=()) is exact softmax, equal to SDPA on
+    every finite row. Gradients: v's are exact on rows that see no valid key; the q and k
+    gradients of softmax there differentiate logits that rounded to the bias, so they are
+    compared only where every row sees a valid key."""
+    n = 16
+    q, k, v = (x.double().requires_grad_() for x in random_qkv(4, 2, n, 8))
+    out, sdpa, eager = hsa_and_softmax(q, k, v, edge_masks(n, torch.float64), branching, causal)
+    torch.testing.assert_close(eager[[0, 1, 3]], sdpa[[0, 1, 3]])
+    nan_rows = sdpa[2].isnan().all(-1)  # rows that see the NaN key: all, or j ≥ 3 when causal
+    assert nan_rows.any() and (out[2].isnan().all(-1) >= nan_rows).all()
+    no_valid_key = [0, 3]
+    torch.testing.assert_close(out[no_valid_key], sdpa[no_valid_key])
+    if causal:
+        torch.testing.assert_close(out[1, :, :5], sdpa[1, :, :5])
+    if branching == ():
+        torch.testing.assert_close(out[1], sdpa[1])
+    grad_out = torch.randn_like(out)
+    grad_out[2] = 0  # the NaN batch element
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(eager, (q, k, v), grad_out)
+    torch.testing.assert_close(grads[2][no_valid_key], expected_grads[2][no_valid_key])
+    if branching == () and not causal:
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got[1], want[1])
+
+
 def test_masks_that_differ_between_queries_raise_or_run_exact_attention_in_graphs():
     q, k, v = random_qkv(1, 2, 12, 8)
     mask = torch.rand(12, 12) > 0.3
@@ -569,6 +633,35 @@ def test_kernel_handles_additive_bias_gqa_and_half_precision():
                             [4, 2], enable_gqa=True)  # fmt: skip
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), out, atol=2e-2, rtol=2e-2)
+
+
+@kernel_test
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_rows_without_a_valid_key_and_nan_masks_match_the_reference(causal):
+    """The kernels' forward and backward give rows that see no valid key SDPA's output (the
+    mean value of their finfo.min keys) and let a NaN bias through, as the op's PyTorch path
+    (fp64 inputs) does."""
+    n = 16
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in random_qkv(4, 2, n, 8))
+    mask = edge_masks(n, torch.float32).to(DEVICE)
+    assert uses_triton(q, (4, 2))
+    out, sdpa, _ = hsa_and_softmax(q, k, v, mask, (4, 2), causal)
+    nan_rows = sdpa[2].isnan().all(-1)
+    assert nan_rows.any() and (out[2].isnan().all(-1) >= nan_rows).all()
+    torch.testing.assert_close(out[[0, 3]], sdpa[[0, 3]])
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref = run_hsa_op(*ref_leaves, mask.cpu(), (4, 2), causal)
+    # the NaN may reach more rows (through 0·NaN in the kernels' sums), never fewer
+    assert (out[2].isnan().all(-1).cpu() >= ref[2].isnan().all(-1)).all()
+    finite = [0, 1, 3]
+    torch.testing.assert_close(out.cpu().double()[finite], ref[finite], atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    grad_out[2] = 0
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.cpu().double())
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.cpu().double()[finite], expected[finite], atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
 
 
 @kernel_test

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import attnrewrite
 from attnrewrite.methods.hsa import hierarchy, hsa_attention_reference
+from attnrewrite.methods.hsa.reference import with_masked_rows
 from attnrewrite.methods.masks import key_mask_terms, with_causal
 from attnrewrite.methods.monarch import monarch_attention_reference
 from attnrewrite.methods.zeros import zeros_attention_reference
@@ -123,7 +124,8 @@ def reference(case: Case, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
             q, k, v, bias, weight, is_causal=case.is_causal, **options
         )
     valid = None if weight is None else weight > 0
-    return hsa_attention_reference(q, k, v, bias, valid, is_causal=case.is_causal, **options)
+    out = hsa_attention_reference(q, k, v, bias, valid, is_causal=case.is_causal, **options)
+    return with_masked_rows(out, v, bias, valid, case.is_causal)  # the op's rows with no key
 
 
 def is_exact(case: Case) -> bool:
@@ -155,12 +157,9 @@ def test_methods_are_finite_where_sdpa_is_and_match_their_reference(case: Case):
     atol, rtol = TOLERANCE[case.dtype]
     torch.testing.assert_close(out.float(), reference(case, q, k, v, mask), atol=atol, rtol=rtol)
     if is_exact(case):
-        # Exact on every row, masked queries too (SDPA's attention over the valid keys); but
-        # not on a row that sees no valid key: SDPA spreads finfo.min-masked rows over all keys.
-        seen = torch.ones(B, case.n, dtype=torch.bool) if mask is None else valid
-        seen = seen.cummax(-1).values if case.is_causal else seen.any(-1, keepdim=True)
-        rows = seen.expand(B, case.n)[:, None, :, None].expand(out.shape)
-        torch.testing.assert_close(out.float()[rows], sdpa.float()[rows], atol=atol, rtol=rtol)
+        # Exact on every row: masked queries (SDPA's attention over the valid keys) and rows
+        # that see no valid key (SDPA spreads one whose keys are all at finfo.min over them).
+        torch.testing.assert_close(out.float(), sdpa.float(), atol=atol, rtol=rtol)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,14 +180,12 @@ def test_zeros_is_finite_and_matches_its_reference(n_q, n_k, dtype, is_causal, p
     k, v = (torch.randn(B, 2, n_k, 8, generator=g).to(dtype) for _ in range(2))
     logits = 3 * torch.randn(B, 2, n_k, generator=g)
     gates = [torch.rand(B, 2, n_q, generator=g) for _ in range(2)]
-    mask = None if pattern is None else valid_keys((pattern,) * B, n_k, g)[:, None, :]
-    out = attnrewrite.zeros_attention(
-        q, k, v, logits, *gates, is_causal=is_causal, key_padding_mask=mask
-    )
+    mask = None if pattern is None else valid_keys((pattern,) * B, n_k, g)
+    out = attnrewrite.zeros_attention(q, k, v, logits, *gates, is_causal=is_causal, attn_mask=mask)
     assert out.shape == (B, 2, n_q, 8) and torch.isfinite(out).all()
     expected = zeros_attention_reference(
         q.float(), k.float(), v.float(), logits, *gates, is_causal=is_causal,
-        key_padding_mask=mask,
+        key_valid=None if mask is None else mask[:, None, :],
     )  # fmt: skip
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
@@ -200,7 +197,7 @@ def test_zeros_is_finite_and_matches_its_reference(n_q, n_k, dtype, is_causal, p
 #: Why each method keeps a site (its reason must be in the report), and the methods that do.
 KEEPERS = {
     "cross": ("monarch", "hsa"),  # Nq ≠ Nk
-    "query_mask": ("monarch", "hsa"),  # a mask whose rows differ on the example inputs
+    "query_mask": ("monarch", "hsa", "zeros"),  # a mask whose rows differ on the examples
     "dropout": ("monarch", "hsa", "zeros"),  # active attention dropout
     "three_d": ("zeros",),  # no heads dimension: ZeroS adapters are per head
     "causal_cross": ("zeros",),  # causal with Nq ≠ Nk (a KV cache)

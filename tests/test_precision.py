@@ -30,9 +30,9 @@ def functional_op(method: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The method's functional form on (q, k, v, key mask, ZeroS logits, ZeroS gates ×2)."""
     q, k, v, mask, logits, gate_first, gate_residual = tensors
     if method == "zeros":
-        keep = torch.isfinite(mask[:, :, 0])
+        keep = torch.isfinite(mask)
         return attnrewrite.zeros_attention(
-            q, k, v, logits, gate_first, gate_residual, key_padding_mask=keep
+            q, k, v, logits, gate_first, gate_residual, attn_mask=keep
         )
     return attnrewrite.attention(q, k, v, mask, method=method, **METHOD_OPTIONS[method])
 

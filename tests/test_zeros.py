@@ -26,6 +26,7 @@ from torch import nn
 import attnrewrite
 from attnrewrite.distill import distill
 from attnrewrite.errors import WARNED
+from attnrewrite.methods.base import RUN_TIME_MASK_CHECK
 from attnrewrite.methods.zeros import (
     ZeroSAdapter,
     ZeroSMethod,
@@ -121,7 +122,7 @@ def test_reference_matches_the_formula_term_by_term(is_causal, n_q, n_k, masked)
     allowed = [[bool(mask[i]) and (not is_causal or i <= t) for i in range(n_k)]
                for t in range(n_q)]  # fmt: skip
     expected = zeros_loop(q, k, v, s, g1, gh, allowed)
-    got = zeros_attention_reference(q, k, v, s, g1, gh, is_causal=is_causal, key_padding_mask=mask)
+    got = zeros_attention_reference(q, k, v, s, g1, gh, is_causal=is_causal, key_valid=mask)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -151,8 +152,8 @@ def test_logits_are_shift_invariant_and_gates_scale_their_terms():
 # The linear form ----------------------------------------------------------------------------------
 
 
-def linear(q, k, v, s, g1, gh, *, is_causal=False, key_padding_mask=None, chunk_size=16):
-    inputs = prepare_inputs(q, k, v, s, g1, gh, key_padding_mask)
+def linear(q, k, v, s, g1, gh, *, is_causal=False, key_valid=None, chunk_size=16):
+    inputs = prepare_inputs(q, k, v, s, g1, gh, key_valid)
     return inputs.unflatten(zeros_linear(inputs, is_causal, chunk_size))
 
 
@@ -171,8 +172,8 @@ def test_linear_form_matches_reference(n, n_k_extra, chunk_size, is_causal, mask
     q, k, v, s, g1, gh = random_inputs(2, 2, n_q=n, n_k=n_k, d=4, dv=3)
     mask = torch.rand(2, 1, n_k) >= masked_fraction
     expected = zeros_attention_reference(q, k, v, s, g1, gh, is_causal=is_causal,
-                                         key_padding_mask=mask)  # fmt: skip
-    got = linear(q, k, v, s, g1, gh, is_causal=is_causal, key_padding_mask=mask,
+                                         key_valid=mask)  # fmt: skip
+    got = linear(q, k, v, s, g1, gh, is_causal=is_causal, key_valid=mask,
                  chunk_size=chunk_size)  # fmt: skip
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
 
@@ -180,7 +181,7 @@ def test_linear_form_matches_reference(n, n_k_extra, chunk_size, is_causal, mask
 def reference_grads(inputs, grad_out, *, is_causal, mask):
     """Autograd of the reference: (dq, dk, dv, d_logits, d_gate_first, d_gate_residual)."""
     leaves = [x.detach().double().requires_grad_() for x in inputs]
-    out = zeros_attention_reference(*leaves, is_causal=is_causal, key_padding_mask=mask)
+    out = zeros_attention_reference(*leaves, is_causal=is_causal, key_valid=mask)
     return torch.autograd.grad(out, leaves, grad_out.double())
 
 
@@ -253,7 +254,7 @@ def test_queries_without_keys_give_zero_and_stay_finite():
     mask[0, :7] = False  # causal queries 0..6 of sequence 0 see no key
     mask[1] = False  # no key at all
     for is_causal in (False, True):
-        got = linear(q, k, v, s, g1, gh, is_causal=is_causal, key_padding_mask=mask, chunk_size=4)
+        got = linear(q, k, v, s, g1, gh, is_causal=is_causal, key_valid=mask, chunk_size=4)
         assert torch.isfinite(got).all()
         assert (got[1] == 0).all()
         if is_causal:
@@ -268,10 +269,10 @@ def test_queries_without_keys_give_zero_and_stay_finite():
 def test_op_matches_reference_in_each_dtype(is_causal, dtype):
     inputs = random_inputs(2, 3, n_q=70, d=16, dtype=dtype)
     mask = torch.rand(2, 1, 70) > 0.2
-    got = zeros_attention(*inputs, is_causal=is_causal, key_padding_mask=mask)
+    got = zeros_attention(*inputs, is_causal=is_causal, attn_mask=mask[:, :, None, :])
     assert got.dtype == dtype and got.shape == (2, 3, 70, 16)
     expected = zeros_attention_reference(*(x.double() for x in inputs), is_causal=is_causal,
-                                         key_padding_mask=mask)  # fmt: skip
+                                         key_valid=mask)  # fmt: skip
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.double(), expected, atol=tol * expected.abs().max(), rtol=0)
 
@@ -281,8 +282,27 @@ def test_op_gradients_pass_gradcheck(is_causal):
     inputs = [x.requires_grad_() for x in random_inputs(1, 2, n_q=9, d=4, dv=3)]
     mask = torch.tensor([True] * 6 + [False] + [True] * 2)
     assert torch.autograd.gradcheck(
-        lambda *xs: zeros_attention(*xs, is_causal=is_causal, key_padding_mask=mask), inputs
+        lambda *xs: zeros_attention(*xs, is_causal=is_causal, attn_mask=mask), inputs
     )
+
+
+def test_attn_mask_is_sdpas_per_key_mask_and_key_padding_mask_is_refused():
+    """attn_mask means what SDPA's does (bool, True = attend): (B, Nk), (B, 1, 1, Nk) and (Nk,)
+    select the same keys; torch's key_padding_mask (True = ignore) would invert the mask without
+    an error, so that keyword is refused, by the layer too, with the fix."""
+    inputs = random_inputs(2, 3, n_q=6)
+    keep = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    expected = zeros_attention_reference(*inputs, key_valid=keep[:, None, :])
+    for mask in (keep, keep[:, None, None, :], keep[:, None, None, :].expand(2, 3, 1, 6)):
+        torch.testing.assert_close(zeros_attention(*inputs, attn_mask=mask), expected)
+    per_key = zeros_attention_reference(*inputs, key_valid=keep[1])
+    torch.testing.assert_close(zeros_attention(*inputs, attn_mask=keep[1]), per_key)
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="True = ignore"):
+        zeros_attention(*inputs, key_padding_mask=~keep)
+    layer, x = ZeroSAttention(16, 2), torch.randn(2, 6, 16)
+    torch.testing.assert_close(layer(x, attn_mask=keep)[1, :4], layer(x[:, :4])[1])
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="attn_mask=~key_padding_mask"):
+        layer(x, key_padding_mask=~keep)
 
 
 def test_custom_op_registration_passes_opcheck():
@@ -344,8 +364,11 @@ def test_empty_sequences_give_empty_or_zero_outputs():
         ({"key_logits": torch.randn(1, 2, 4, dtype=torch.float64)}, "one logit per key"),
         ({"gate_first": torch.rand(3, 5, dtype=torch.float64)}, "does not broadcast"),
         ({"gate_residual": torch.ones(1, 2, 5, dtype=torch.long)}, "must be floating point"),
-        ({"key_padding_mask": torch.ones(1, 1, 5)}, "must be bool"),
-        ({"key_padding_mask": torch.ones(1, 3, 5, dtype=torch.bool)}, "does not broadcast"),
+        ({"attn_mask": torch.ones(1, 1, 5)}, "must be bool"),
+        ({"attn_mask": torch.ones(1, 3, 1, 5, dtype=torch.bool)}, "does not broadcast"),
+        ({"attn_mask": torch.ones(2, 5, dtype=torch.bool)}, r"\(B, Nk\) = \(1, 5\)"),
+        ({"attn_mask": torch.ones(1, 1, 5, 5, dtype=torch.bool)}, "query axis of 5"),
+        ({"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, "attn_mask=~key_padding_mask"),
         ({"q": torch.randn(1, 2, 4, 8, dtype=torch.float64), "is_causal": True}, "as many queries"),
     ],
 )
@@ -353,7 +376,8 @@ def test_bad_inputs_are_errors_that_name_the_problem(change, message):
     q, k, v, s, g1, gh = random_inputs(1, 2, n_q=5)
     args = dict(q=q, k=k, v=v, key_logits=s, gate_first=g1, gate_residual=gh)
     args.update(change)
-    kwargs = {name: args.pop(name) for name in ("is_causal", "key_padding_mask") if name in args}
+    kwargs = {name: args.pop(name) for name in ("is_causal", "attn_mask", "key_padding_mask")
+              if name in args}  # fmt: skip
     with pytest.raises(attnrewrite.UnsupportedInputError, match=message):
         zeros_attention(*args.values(), **kwargs)
 
@@ -395,7 +419,7 @@ def kernel_forward_and_grads(inputs, grad_out, *, is_causal, mask, chunk_size):
 def reference_forward_and_grads(inputs, grad_out, *, is_causal, mask):
     leaves = [x.detach().cpu().double().requires_grad_() for x in inputs]
     mask = None if mask is None else mask.cpu()
-    out = zeros_attention_reference(*leaves, is_causal=is_causal, key_padding_mask=mask)
+    out = zeros_attention_reference(*leaves, is_causal=is_causal, key_valid=mask)
     return out, torch.autograd.grad(out, leaves, grad_out.cpu().double())
 
 
@@ -472,7 +496,7 @@ def test_triton_kernel_runs_through_the_op_and_its_autograd():
     inputs = [x.requires_grad_() for x in kernel_inputs(2, 1, n_q=70, d=16, dv=16)]
     mask = (torch.rand(2, 1, 70) > 0.2).to(TRITON_DEVICE)
     with force_triton_kernels():
-        out = zeros_attention(*inputs, is_causal=True, key_padding_mask=mask)
+        out = zeros_attention(*inputs, is_causal=True, attn_mask=mask[:, :, None, :])
         grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
     ref_out, ref_grads = reference_forward_and_grads(inputs, torch.ones_like(out), is_causal=True,
                                                      mask=mask)  # fmt: skip
@@ -490,7 +514,7 @@ def test_deviation_logits_follow_the_running_mean_formula():
     tau = torch.tensor([0.0, 1.5], dtype=torch.float64)
     mask = torch.tensor([True, True, False, True, True, True])
     for is_causal in (False, True):
-        got = deviation_logits(u, mu, tau, is_causal=is_causal, key_padding_mask=mask)
+        got = deviation_logits(u, mu, tau, is_causal=is_causal, key_valid=mask)
         for h in range(2):
             for i in range(6):
                 context = [j for j in range(6) if mask[j] and (not is_causal or j <= i)]
@@ -601,7 +625,9 @@ def test_rewrite_adds_one_adapter_per_site_and_reports_that_it_needs_distillatio
     assert [s.status for s in result.report.sites] == ["replaced", "replaced"]
     adapters = dict(result.module.named_children())
     for site in result.report.sites:
+        # the model's (B, 1, N, N) mask is classified per call
         assert site.options == {"qk_rank": 2, "needs_distillation": True,
+                                "mask_check": RUN_TIME_MASK_CHECK,
                                 "adapter": f"zeros_{site.name.replace('.', '_')}"}  # fmt: skip
         adapter = adapters[site.options["adapter"]]
         assert isinstance(adapter, ZeroSAdapter) and adapter.qk_rank == 2
@@ -641,8 +667,7 @@ def test_adapter_reads_a_causal_plus_padding_mask_as_causal_zeros():
     assert not exact
     logits = (k * adapter.key_logit_weight[:, None, :]).sum(-1)
     gates = [torch.sigmoid((q * adapter.gate_weight[j][:, None, :]).sum(-1)) for j in range(2)]
-    expected = zeros_attention(q, k, v, logits, *gates, is_causal=True,
-                               key_padding_mask=keep[:, None, :])  # fmt: skip
+    expected = zeros_attention(q, k, v, logits, *gates, is_causal=True, attn_mask=keep)
     torch.testing.assert_close(raw, expected)
     bool_mask = causal & keep[:, None, None, :]
     torch.testing.assert_close(adapter.zeros_output(q, k, v, bool_mask)[0], expected)
@@ -663,6 +688,18 @@ def test_site_mask_terms_accept_key_and_causal_masks_only():
     wrong_upper = causal.clone()
     wrong_upper[0, 3] = True
     assert site_mask_terms(wrong_upper, batch, n, n, torch.float32) is None
+
+
+def test_an_adapter_refuses_a_mask_that_needs_a_gradient():
+    """The site op gives attn_mask no gradient: a trainable bias must not silently stop training
+    (rewrite keeps such sites where the graph records it; symbolic_trace does not)."""
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 1, 1, 8, requires_grad=True)
+    adapter = ZeroSAdapter(2, 4, 4)
+    with pytest.raises(attnrewrite.UnsupportedInputError, match="no gradient for attn_mask"):
+        adapter(q, k, v, bias)
+    adapter(q, k, v, bias.detach()).sum().backward()
+    assert q.grad is not None
 
 
 def test_a_mask_zeros_cannot_honor_runs_exact_attention_with_a_warning():
@@ -689,7 +726,7 @@ def test_site_op_gradients_match_zeros_with_the_mask_folded_in():
     assert not exact
     q, k, v, s, g1, gh = inputs
     expected = zeros_attention(q, k, v, s + torch.where(keep[:, None], bias[:, 0], 0.0), g1, gh,
-                               key_padding_mask=keep[:, None, :])  # fmt: skip
+                               attn_mask=keep)  # fmt: skip
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, inputs, grad),

@@ -49,7 +49,7 @@ class FunctionalZeroS(torch.nn.Module):
                                    for i in range(3))  # fmt: skip
         return attnrewrite.zeros_attention(
             q, k, v, 4 * logits, torch.sigmoid(first), torch.sigmoid(residual),
-            is_causal=self.is_causal, key_padding_mask=keep[:, None, :],
+            is_causal=self.is_causal, attn_mask=keep,
         )  # fmt: skip
 
 

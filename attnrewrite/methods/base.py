@@ -59,6 +59,13 @@ class MethodOptions:
         return dataclasses.asdict(self)
 
 
+#: The report's note on a site whose (…, N, N) mask only a call can classify ("full" or
+#: "causal_key": under torch.compile the example-input probe does not run at all).
+RUN_TIME_MASK_CHECK = (
+    "per call: a mask that is neither key padding nor causal + key padding runs exact attention"
+)
+
+
 class AttentionMethod(ABC):
     """An attention operator the substitute pass can put in place of a canonical SDPA site."""
 
@@ -66,20 +73,27 @@ class AttentionMethod(ABC):
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     #: True for methods that honor key-padding masks and causal masks combined with key padding
     #: only (`masks.site_mask_terms`): `keep_reason` keeps sites whose mask is neither on the
-    #: example inputs ("general").
+    #: example inputs ("general"), and `site_options` notes the run-time check of the others.
     key_masks_only: ClassVar[bool] = False
 
     def parse_options(self, options: Mapping[str, Any]) -> MethodOptions:
         return self.options_type.parse(self.name, options)
 
-    def tiling_reason(self, site: AttentionSite, label: str, why: str) -> str | None:
-        """The shared preconditions of methods that tile queries and keys alike: no active
-        attention dropout, no trainable mask (their ops give no mask gradient), and as many
-        queries as keys (`why` says what needs Nq = Nk)."""
+    def approximation_reason(self, site: AttentionSite, label: str) -> str | None:
+        """The preconditions of every approximate method: no active attention dropout (none
+        has it) and no trainable mask (their ops give no mask gradient)."""
         if site.dropout_p:
             return f"attention dropout p={site.dropout_p} is active; {label} has none"
         if site.mask_requires_grad:
             return f"the mask is trainable (it requires grad); {label} gives no gradient for it"
+        return None
+
+    def tiling_reason(self, site: AttentionSite, label: str, why: str) -> str | None:
+        """`approximation_reason`, and for methods that tile queries and keys alike as many
+        queries as keys (`why` says what needs Nq = Nk)."""
+        reason = self.approximation_reason(site, label)
+        if reason:
+            return reason
         if not site.same_length:
             return (
                 f"cross-attention (Nq={site.q_len}, Nk={site.k_len}: not known equal): {why} "
@@ -104,7 +118,16 @@ class AttentionMethod(ABC):
         """Why this method cannot compute exactly what the site asks for, or None if it can."""
 
     def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
-        """The options as they take effect at this site (defaults resolved), for the report."""
+        """What the report shows for a replaced site: `resolved_options`, and `mask_check` where
+        a method honoring key masks only checks the site's mask per call (a "full" or
+        "causal_key" mask: the example inputs cannot prove later masks of the same kind)."""
+        shown = self.resolved_options(site, options)
+        if self.key_masks_only and site.mask in ("full", "causal_key"):
+            shown["mask_check"] = RUN_TIME_MASK_CHECK
+        return shown
+
+    def resolved_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+        """The options as they take effect at this site (defaults resolved)."""
         return options.as_dict()
 
     @abstractmethod

@@ -54,16 +54,21 @@ def autograd_inside_op() -> Iterator[None]:
         yield
 
 
-def save_sdpa_like_inputs(method: str, ctx, inputs: tuple) -> None:
-    """`setup_context` of an op with SDPA's arguments (q, k, v, attn_mask, options…) whose
-    backward gives gradients for q, k and v only: saves them, and refuses a mask that needs a
-    gradient (a trainable bias) rather than leave it silently untrained."""
-    q, k, v, attn_mask, *options = inputs
+def refuse_trainable_mask(method: str, attn_mask: torch.Tensor | None) -> None:
+    """Raise for a mask that needs a gradient (a trainable bias) in an op whose backward gives
+    none for it, rather than leave it silently untrained."""
     if attn_mask is not None and attn_mask.requires_grad:
         raise UnsupportedInputError(
             f"{method} gives no gradient for attn_mask, and this mask requires one (a trainable "
             "bias?): detach it if it is not meant to train, or use method='sdpa' for this site"
         )
+
+
+def save_sdpa_like_inputs(method: str, ctx, inputs: tuple) -> None:
+    """`setup_context` of an op with SDPA's arguments (q, k, v, attn_mask, options…) whose
+    backward gives gradients for q, k and v only: saves them (`refuse_trainable_mask` first)."""
+    q, k, v, attn_mask, *options = inputs
+    refuse_trainable_mask(method, attn_mask)
     ctx.has_mask = attn_mask is not None
     ctx.save_for_backward(q, k, v, *([attn_mask] if ctx.has_mask else []))
     ctx.options = tuple(options)

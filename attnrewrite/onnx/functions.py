@@ -30,7 +30,7 @@ MIN_OPSET = 18
 _OPSET = onnxscript.values.Opset(DOMAIN, 1)
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)", "tensor(bool)"]
 #: Inputs with one value per key or per query, (…, N): their last dim is that length.
-PER_KEY_INPUTS = ("key_logits", "key_padding_mask")
+PER_KEY_INPUTS = ("key_logits", "key_valid")
 PER_QUERY_INPUTS = ("gate_first", "gate_residual")
 _ONNX_TO_TORCH = {
     onnx.TensorProto.FLOAT: torch.float32,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedInputError
 from ..methods.gqa import expand_gqa
-from ..methods.hsa.reference import hsa_attention_reference
+from ..methods.hsa.reference import hsa_attention_reference, with_masked_rows
 from ..methods.masks import is_causal_padding_mask, key_mask_terms, per_token, with_causal
 from ..methods.monarch.reference import default_block_size
 from ..methods.monarch.stages import MonarchConfig, monarch_forward
@@ -233,7 +233,8 @@ def hsa_spec(
 
 def _hsa_approximation(q, k, v, key_bias, query_weight, **options):
     valid = None if query_weight is None else query_weight > 0
-    return hsa_attention_reference(q, k, v, key_bias, valid, **options)
+    out = hsa_attention_reference(q, k, v, key_bias, valid, **options)
+    return with_masked_rows(out, v, key_bias, valid, options["is_causal"])
 
 
 #: ZeroS functions run the causal form with chunks of one token: the recurrence over tokens is an
@@ -261,23 +262,23 @@ def zeros_spec(
     gate_first: Any,
     gate_residual: Any,
     is_causal: bool = False,
-    key_padding_mask: Any = None,
+    key_valid: Any = None,
     **unknown: Any,
 ) -> FunctionSpec:
     """The ONNX function of one `attnrewrite::zeros_attention` call (the functional op)."""
     _refuse_unknown("zeros_attention", "zeros_spec", unknown)
     inputs = _zeros_inputs(q, k, v, key_logits, gate_first, gate_residual)
-    if key_padding_mask is not None:
-        inputs.append(("key_padding_mask", TensorLayout.of(key_padding_mask)))
+    if key_valid is not None:
+        inputs.append(("key_valid", TensorLayout.of(key_valid)))
     body = functools.partial(_zeros_body, is_causal=is_causal)
     return FunctionSpec("ZeroSAttention", (("causal", is_causal),), tuple(inputs), body,
                         cross=_may_differ(q.shape[-2], k.shape[-2]))  # fmt: skip
 
 
-def _zeros_body(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask=None, *,
+def _zeros_body(q, k, v, key_logits, gate_first, gate_residual, key_valid=None, *,
                 is_causal):  # fmt: skip
     return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
-                                  key_padding_mask, _ZEROS_CHUNK)  # fmt: skip
+                                  key_valid, _ZEROS_CHUNK)  # fmt: skip
 
 
 def zeros_site_spec(

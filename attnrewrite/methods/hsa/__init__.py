@@ -61,7 +61,7 @@ class HSAMethod(CustomOpMethod):
             )
         return self.tiling_reason(site, "HSA", "one HSA tree spans queries and keys alike")
 
-    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+    def resolved_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
         """The options plus `tree`: the family sizes the site's length gives, root last (left
         out for a symbolic length: a dynamic-shape graph must not guard on the tree)."""
         resolved = options.as_dict()

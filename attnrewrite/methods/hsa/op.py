@@ -19,7 +19,14 @@ from ...errors import UnsupportedInputError, warn_once
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off, autograd_inside_op, save_sdpa_like_inputs
-from .reference import check_branching, hierarchy, hsa_attention_reference
+from ..shapes import has_no_output
+from .reference import (
+    check_branching,
+    hierarchy,
+    hsa_attention_reference,
+    masked_rows,
+    with_masked_rows,
+)
 
 TRITON_CPU_VARIABLE = "ATTNREWRITE_TRITON_CPU"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -29,10 +36,11 @@ def uses_triton(q: torch.Tensor, branching: Sequence[int]) -> bool:
     """Whether these inputs run the Triton kernels (else the PyTorch reference).
 
     The kernels cover trees with at least one level below the root (a lone root family is plain
-    softmax, left to PyTorch) whose groups below the root are at most the kernels' largest tile.
+    softmax, left to PyTorch) whose groups below the root are at most the kernels' largest tile,
+    and calls with an output and logits (`_forward` runs the others without a tree).
     """
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get(TRITON_CPU_VARIABLE) == "1")
-    if not on_device or q.dtype not in TRITON_DTYPES:
+    if not on_device or q.dtype not in TRITON_DTYPES or q.shape[-1] == 0:
         return False
     from ...kernels.hsa import MAX_GROUP
 
@@ -112,8 +120,12 @@ def _forward(
 ) -> torch.Tensor:
     sizes = check_branching(branching)
     _check_lengths(q, k)
+    if has_no_output(q, v):  # SDPA's empty output (the tree needs a sequence to work on)
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
     terms = _key_terms(q, attn_mask, is_causal, fallback)
-    if terms is None:  # exact: a mask HSA cannot honor, or causal attention in a graph
+    # exact: a mask HSA cannot honor, causal attention in a graph, or d = 0 (no logits to
+    # approximate: every q·k is 0, SDPA's softmax of the mask alone)
+    if terms is None or q.shape[-1] == 0:
         if is_causal and attn_mask is not None:
             attn_mask = with_causal(attn_mask, q.shape[-2], k.shape[-2])
         return F.scaled_dot_product_attention(
@@ -125,10 +137,12 @@ def _forward(
     if uses_triton(q, sizes):
         from ...kernels.hsa import hsa_forward
 
-        return hsa_forward(q, k, v, key_bias, valid, scale, sizes, is_causal)
-    return hsa_attention_reference(
-        q, k, v, key_bias, valid, scale=scale, branching=sizes, is_causal=is_causal
-    )
+        out = hsa_forward(q, k, v, key_bias, valid, scale, sizes, is_causal)
+    else:
+        out = hsa_attention_reference(
+            q, k, v, key_bias, valid, scale=scale, branching=sizes, is_causal=is_causal
+        )
+    return with_masked_rows(out, v, key_bias, valid, is_causal)
 
 
 @torch.library.custom_op(
@@ -191,6 +205,8 @@ def hsa_attention_backward_op(
     An op of its own, so that a training graph traced by torch.compile or torch.export holds one
     opaque call: a traced reference would specialize the graph to the tree of one length.
     """
+    if has_no_output(q, v):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     with autograd_inside_op():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         out = _forward(*leaves, attn_mask, scale, branching, is_causal, enable_gqa, fallback)
@@ -202,6 +218,27 @@ def hsa_attention_backward_op(
 def _(grad_out, q, k, v, attn_mask, scale, branching, is_causal, enable_gqa, fallback):
     """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _masked_rows_backward(
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    is_causal: bool,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the output gradient left for the tree, v's gradient through `masked_rows`): rows that
+    see no valid key take SDPA's output, so their gradient reaches the values they average
+    (by autograd: a sum or prefix sum) and not the tree."""
+    with torch.enable_grad():
+        v_leaf = v.detach().to(torch.promote_types(v.dtype, torch.float32)).requires_grad_()
+        found = masked_rows(v_leaf, key_bias, valid, is_causal)
+    if found is None:
+        return grad_out, None
+    rows, values = found
+    grad = grad_out.to(values.dtype).masked_fill(~rows, 0.0)
+    (d_v,) = torch.autograd.grad(values, v_leaf, grad)
+    return grad_out.masked_fill(rows, 0.0), d_v
 
 
 def _setup_context(ctx, inputs, output):
@@ -216,15 +253,19 @@ def _backward(ctx, grad_out):
     q, k, v = saved[:3]
     attn_mask = saved[3] if ctx.has_mask else None
     scale, branching, is_causal, enable_gqa, fallback = ctx.options
-    terms = _key_terms(q, attn_mask, is_causal, fallback) if uses_triton(q, branching) else None
+    triton = uses_triton(q, branching) and not has_no_output(q, v)
+    terms = _key_terms(q, attn_mask, is_causal, fallback) if triton else None
     if terms is not None:
         from ...kernels.hsa import hsa_backward
 
         key_bias, valid, is_causal = terms
         k_heads, v_heads = expand_gqa(q, k, enable_gqa), expand_gqa(q, v, enable_gqa)
+        grad_out, d_v_rows = _masked_rows_backward(v_heads, key_bias, valid, is_causal, grad_out)
         dq, dk, dv = hsa_backward(
             q, k_heads, v_heads, key_bias, valid, scale, tuple(branching), is_causal, grad_out
         )
+        if d_v_rows is not None:
+            dv = dv + d_v_rows.to(dv.dtype)
         dk, dv = reduce_gqa(dk, k), reduce_gqa(dv, v)
     else:
         dq, dk, dv = hsa_attention_backward_op(grad_out, q, k, v, attn_mask, *ctx.options)

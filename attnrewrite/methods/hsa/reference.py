@@ -41,8 +41,9 @@ review: up to 0.35 on random inputs). Rewrites therefore keep causal sites (op.p
 
 Invalid tokens. An empty node (c_C = 0) has L(·, C) = −inf and a(C) = −inf, so it gets zero
 weight as a sibling and as a child; invalid queries are left out of the means and of a(A) but
-still get an output row (their leaf row uses their own q_i), so every output is finite; a row with
-no valid key at all is 0. The KL objective is over valid rows.
+still get an output row (their leaf row uses their own q_i); a row with no valid key at all is 0
+(the op gives it SDPA's output instead: `masked_rows`). The KL objective is over valid rows. A
+NaN bias is a valid key with a NaN logit: every row that reaches it is NaN, as in SDPA.
 
 Cost. A family of b children costs ≈ 4·b²·d; the leaf level dominates: O(N·b₁·d) against
 softmax's O(N²·d) (`hsa_attention_flops`). No Python loop over nodes: one batched step per level.
@@ -58,6 +59,7 @@ import torch
 
 from ...errors import OptionError
 from ..masks import per_token
+from ..shapes import softmax_scale
 
 
 def check_branching(branching: Sequence[int]) -> tuple[int, ...]:
@@ -225,7 +227,7 @@ def descend(
     diagonal kept, so the second result is the output and the first is P(i).
     """
     groups, families, size, _ = weights.shape
-    values = v_mean.reshape(groups, families, size, -1)
+    values = v_mean.reshape(groups, families, size, v_mean.shape[-1])
     self_weight = weights.diagonal(dim1=-2, dim2=-1)
     if not leaf:
         eye = torch.eye(size, dtype=torch.bool, device=weights.device)
@@ -245,7 +247,8 @@ def token_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(β, c) per token, each (G, N): the bias (0 where invalid) and 1 for valid tokens, else 0.
 
-    A token is invalid when `valid` says False or its bias is −inf.
+    A token is invalid when `valid` says False or its bias is −inf (a NaN bias stays: NaN is
+    never hidden).
     """
     is_valid = torch.ones(groups, n, dtype=torch.bool, device=device)
     if valid is not None:
@@ -253,9 +256,56 @@ def token_terms(
     bias = torch.zeros(groups, n, dtype=stats, device=device)
     if key_bias is not None:
         bias = key_bias.reshape(groups, n).to(stats)
-        is_valid = is_valid & (bias > float("-inf"))
+        is_valid = is_valid & (bias != float("-inf"))
         bias = torch.where(is_valid, bias, 0.0)
     return bias, is_valid.to(stats)
+
+
+def masked_rows(
+    v: torch.Tensor, key_bias: torch.Tensor | None, valid: torch.Tensor | None, is_causal: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, values) for the op's SDPA semantics: the rows of v's shape (..., N, dv) that see no
+    valid key (rows (..., N, 1), bool), and what SDPA gives them (values (..., N, dv), in v's
+    dtype); None without a bias.
+
+    HSA gives such a row 0, but SDPA's softmax spreads it over the keys it sees that the mask
+    masks with a finite value: the op's key terms (`masks.key_mask_terms`) mark those invalid
+    with their finite bias, finfo.min, where every logit rounds to the bias itself, so SDPA
+    gives the mean of their values (0 where there are none: −inf or bool masks). key_bias and
+    valid: broadcastable to (..., N), as the op passes them to `hsa_attention_reference`; a row
+    sees every key, or keys j ≤ i when causal.
+    """
+    if key_bias is None:
+        return None
+    shape = v.shape[:-1]
+    bias = key_bias.broadcast_to(shape)
+    is_valid = bias != float("-inf")
+    if valid is not None:
+        is_valid = is_valid & valid.broadcast_to(shape).bool()
+    spread = ~is_valid & (bias > float("-inf")) & (bias < float("inf"))
+    weight = spread.to(v.dtype)
+    spread_v = torch.where(spread[..., None], v, 0.0)
+    if is_causal:
+        seen, count, total = is_valid.cumsum(-1), weight.cumsum(-1), spread_v.cumsum(-2)
+    else:
+        seen = is_valid.sum(-1, keepdim=True)
+        count, total = weight.sum(-1, keepdim=True), spread_v.sum(-2, keepdim=True)
+    rows = ((seen == 0) & (count > 0))[..., None]
+    values = total / count.clamp_min(1.0)[..., None]
+    return rows, values.broadcast_to(v.shape)
+
+
+def with_masked_rows(
+    out: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """HSA's output `out` with SDPA's on the rows that see no valid key (`masked_rows`)."""
+    found = masked_rows(v.to(torch.promote_types(v.dtype, torch.float32)), key_bias, valid,
+                        is_causal)  # fmt: skip
+    return out if found is None else torch.where(found[0], found[1].to(out.dtype), out)
 
 
 def leaf_nodes(
@@ -298,7 +348,7 @@ def hsa_attention_reference(
     """
     *batch, n, d = q.shape
     dv = v.shape[-1]
-    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    s = softmax_scale(scale, d)
     sizes = hierarchy(n, check_branching(branching))
     groups = math.prod(batch)
     stats = torch.promote_types(q.dtype, torch.float32)

@@ -70,7 +70,7 @@ class MonarchMethod(CustomOpMethod):
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
         return self.tiling_reason(site, "MonarchAttention", "Monarch blocks queries and keys alike")
 
-    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+    def resolved_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
         """The options as they run: one step at causal sites, and the block size the site's
         length gives when it is not symbolic (a dynamic-shape graph must not guard on it: the op
         resolves it at run time)."""

@@ -26,6 +26,7 @@ from ...errors import UnsupportedInputError
 from ..gqa import expand_gqa, reduce_gqa
 from ..masks import self_attention_mask_terms, with_causal
 from ..op_context import autocast_off, save_sdpa_like_inputs
+from ..shapes import has_no_output, softmax_scale
 from .reference import default_block_size
 from .stages import MonarchConfig, StageOps, monarch_backward, monarch_forward
 from .torch_stages import TorchStageOps, by_sequence, parallel_stage_ops
@@ -90,7 +91,8 @@ def _check_arguments(
 
 class _Call:
     """One call's inputs in the stages' form: (g, N, d) tensors, key bias and query validity,
-    or `exact` when the mask is not a key-padding mask and the site asked for the fallback."""
+    or `exact` when the mask is not a key-padding mask and the site asked for the fallback, or
+    when d = 0: no logits to approximate (every q·k is 0), SDPA's softmax of the mask alone."""
 
     def __init__(
         self, q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
@@ -100,8 +102,8 @@ class _Call:
         *batch, n, d = q.shape
         self.batch, self.n = tuple(batch), n
         self.attn_mask, self.is_causal = attn_mask, is_causal
-        self.scale = scale if scale is not None else 1.0 / math.sqrt(d)
-        self.exact = False
+        self.scale = softmax_scale(scale, d)
+        self.exact = d == 0
         self.key_bias = self.query_valid = None
         if attn_mask is not None:
             stats = torch.promote_types(q.dtype, torch.float32)
@@ -133,10 +135,13 @@ class _Call:
             None if valid is None else valid[sequences],
         )
 
-    def exact_mask(self) -> torch.Tensor:
-        """The fallback's SDPA mask (the site's mask, causal when the site is)."""
-        assert self.attn_mask is not None
-        return with_causal(self.attn_mask, self.n, self.n) if self.is_causal else self.attn_mask
+    def exact_mask(self) -> torch.Tensor | None:
+        """The exact path's SDPA mask (the site's mask, causal when the site is)."""
+        mask = self.attn_mask
+        if self.is_causal:
+            every_key = torch.ones((), dtype=torch.bool, device=self.k.device)
+            mask = with_causal(every_key if mask is None else mask, self.n, self.n)
+        return mask
 
 
 def _exact_attention_grads(
@@ -144,7 +149,7 @@ def _exact_attention_grads(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of SDPA with `mask` (the fallback's forward), in closed form; a row that sees
@@ -152,9 +157,9 @@ def _exact_attention_grads(
     stats = torch.promote_types(q.dtype, torch.float32)
     q32, k32, v32, g32 = (x.to(stats) for x in (q, k, v, grad_out))
     scores = scale * q32 @ k32.transpose(-2, -1)
-    if mask.dtype == torch.bool:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, -math.inf)
-    else:
+    elif mask is not None:
         scores = scores + mask.to(stats)
     empty = torch.isneginf(scores).all(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
@@ -188,7 +193,7 @@ def monarch_attention_op(
     call = _Call(
         q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
     )
-    if call.n == 0:  # no token: SDPA's empty output
+    if has_no_output(q, v):  # SDPA's empty output
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
     if call.exact:  # contiguous, as the fake implementation declares (SDPA's may not be)
         return F.scaled_dot_product_attention(
@@ -249,7 +254,7 @@ def monarch_attention_backward_op(
     call = _Call(
         q, k, v, attn_mask, scale, block_size, num_steps, pad, enable_gqa, fallback, is_causal
     )
-    if call.n == 0:
+    if has_no_output(q, v):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if call.exact:
         dq, dk, dv = _exact_attention_grads(

@@ -57,6 +57,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..shapes import softmax_scale
+
 
 def causal_steps(num_steps: int, is_causal: bool) -> int:
     """The steps the causal variant runs: one. A later R-update pools the queries of every block
@@ -118,7 +120,7 @@ def monarch_attention_reference(
     *batch, n, d = q.shape
     dv = v.shape[-1]
     out_dtype = q.dtype
-    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    s = softmax_scale(scale, d)
     b = block_size if block_size is not None else default_block_size(n)
     m = max(1, math.ceil(n / b))
     n_pad = m * b - n

@@ -46,12 +46,17 @@ class ZeroSOptions(MethodOptions):
 
 
 class ZeroSMethod(AttentionMethod):
+    """ZeroS at rewritten sites. Its sums run over any set of keys, so non-causal
+    cross-attention (Nq ≠ Nk) is replaced too; masks as Monarch's and HSA's (`key_masks_only`)."""
+
     name = "zeros"
+    key_masks_only = True
     options_type = ZeroSOptions
 
     def unsupported_reason(self, site: AttentionSite, options: MethodOptions) -> str | None:
-        if site.dropout_p:
-            return f"attention dropout p={site.dropout_p} is active; ZeroS has none"
+        reason = self.approximation_reason(site, "ZeroS")
+        if reason:
+            return reason
         if site.q_shape is None or site.k_shape is None or site.v_shape is None:
             return "q/k/v shapes are unknown; ZeroS adapters are built per head from them"
         if len(site.q_shape) != 4:
@@ -69,7 +74,7 @@ class ZeroSMethod(AttentionMethod):
             return f"{site.q_shape[1]} query heads are not a multiple of {site.k_shape[1]} kv heads"
         return None
 
-    def site_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
+    def resolved_options(self, site: AttentionSite, options: MethodOptions) -> dict[str, Any]:
         return {**options.as_dict(), "needs_distillation": True}
 
     def graph_target(self) -> Any:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..gqa import expand_gqa
 from ..masks import site_mask_terms, warn_exact_fallback
+from ..op_context import refuse_trainable_mask
 from .op import use_triton_kernels, zeros_attention, zeros_attention_backward_op
 
 LAYER_NORM_EPS = 1e-5
@@ -101,8 +102,9 @@ def zeros_site_attention_op(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return out, torch.tensor(True, device=q.device)
     logits, key_valid, causal = terms
+    attn_mask = None if key_valid is None else key_valid[..., None, :]  # (..., 1, Nk)
     out = zeros_attention(q, k, v, logits, gate_first, gate_residual, is_causal=causal,
-                          key_padding_mask=key_valid)  # fmt: skip
+                          attn_mask=attn_mask)  # fmt: skip
     return out, torch.tensor(False, device=q.device)
 
 
@@ -147,6 +149,7 @@ def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, attn_mask, is_ca
 
 def _setup_context(ctx, inputs, output):
     *tensors, attn_mask, is_causal, scale = inputs
+    refuse_trainable_mask("ZeroS", attn_mask)
     ctx.has_mask = attn_mask is not None
     ctx.options = (is_causal, scale)
     ctx.save_for_backward(*tensors, *([attn_mask] if ctx.has_mask else []))

@@ -61,7 +61,7 @@ def prepare_inputs(
     key_logits: torch.Tensor,
     gate_first: torch.Tensor,
     gate_residual: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
 ) -> PreparedInputs:
     """Flatten batch dims and fix dtypes (shapes were checked by the public wrapper)."""
     batch = tuple(q.shape[:-2])
@@ -79,9 +79,7 @@ def prepare_inputs(
         key_logits=flat(key_logits.to(stats), n_k),
         gate_first=flat(gate_first.to(stats), n_q),
         gate_residual=flat(gate_residual.to(stats), n_q),
-        key_valid=None
-        if key_padding_mask is None
-        else flat(key_padding_mask.broadcast_to(*batch, n_k), n_k),
+        key_valid=None if key_valid is None else flat(key_valid.broadcast_to(*batch, n_k), n_k),
         batch=batch,
     )
 

@@ -16,6 +16,7 @@ import torch
 
 from ...errors import UnsupportedInputError, warn_once
 from ..op_context import autocast_off
+from ..shapes import has_no_output
 from .linear import PreparedInputs, prepare_inputs, zeros_linear, zeros_linear_backward
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,22 +65,28 @@ def zeros_attention_linear(
     gate_first: torch.Tensor,
     gate_residual: torch.Tensor,
     is_causal: bool,
-    key_padding_mask: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """The op's linear PyTorch form, unchecked: its CPU path, and the body of its ONNX function
     (chunk_size: see `zeros_linear`)."""
-    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
+    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_valid)
     return inputs.unflatten(zeros_linear(inputs, is_causal, chunk_size)).to(q.dtype)
 
 
-def _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask):
+def _all_zero(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every output is 0 without computing: there is none (`has_no_output`), no key (the
+    empty sum), or d = 0 (q̂·k̂ of empty vectors is 0); the chunked forms need all three."""
+    return has_no_output(q, v) or k.shape[-2] == 0 or q.shape[-1] == 0
+
+
+def _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_valid):
     if not use_triton_kernels(q, v):
         return zeros_attention_linear(q, k, v, key_logits, gate_first, gate_residual, is_causal,
-                                      key_padding_mask).contiguous()  # fmt: skip
+                                      key_valid).contiguous()  # fmt: skip
     from ...kernels.zeros import zeros_forward
 
-    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
+    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_valid)
     out = zeros_forward(*_triton_tensors(inputs), is_causal)
     return inputs.unflatten(out).to(q.dtype).contiguous()
 
@@ -94,25 +101,26 @@ def zeros_attention_op(
     gate_first: torch.Tensor,
     gate_residual: torch.Tensor,
     is_causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ZeroS attention; shapes as checked by `zeros_attention` (logits and gates unbroadcast)."""
-    if q.shape[-2] == 0 or k.shape[-2] == 0:  # no query, or no key: the empty sum
+    """ZeroS attention; shapes as checked by `zeros_attention` (logits and gates unbroadcast,
+    key_valid bool (..., Nk), True at the keys queries may use)."""
+    if _all_zero(q, k, v):
         return q.new_zeros((*q.shape[:-1], v.shape[-1]))
-    return _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask)
+    return _forward(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_valid)
 
 
 @zeros_attention_op.register_fake
-def _(q, k, v, key_logits, gate_first, gate_residual, is_causal=False, key_padding_mask=None):
+def _(q, k, v, key_logits, gate_first, gate_residual, is_causal=False, key_valid=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask = inputs
+    q, k, v, key_logits, gate_first, gate_residual, is_causal, key_valid = inputs
     ctx.is_causal = is_causal
-    ctx.has_mask = key_padding_mask is not None
+    ctx.has_mask = key_valid is not None
     ctx.use_triton = use_triton_kernels(q, v)
-    mask = [key_padding_mask] if ctx.has_mask else []
+    mask = [key_valid] if ctx.has_mask else []
     ctx.save_for_backward(q, k, v, key_logits, gate_first, gate_residual, *mask)
 
 
@@ -127,16 +135,16 @@ def zeros_attention_backward_op(
     gate_first: torch.Tensor,
     gate_residual: torch.Tensor,
     is_causal: bool,
-    key_padding_mask: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
     use_triton: bool,
 ) -> list[torch.Tensor]:
     """[dq, dk, dv, d_logits, d_gate_first, d_gate_residual] of `zeros_attention_op`, by the
     backend that ran the forward. An op of its own, so that a backward graph traced by
     torch.compile holds one opaque call (no kernel launch on fake tensors)."""
     differentiable = (q, k, v, key_logits, gate_first, gate_residual)
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
+    if _all_zero(q, k, v):
         return [torch.zeros_like(x) for x in differentiable]
-    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_padding_mask)
+    inputs = prepare_inputs(q, k, v, key_logits, gate_first, gate_residual, key_valid)
     flat_grad = grad_out.reshape(-1, *grad_out.shape[-2:])
     if use_triton:
         from ...kernels.zeros import zeros_backward
@@ -151,7 +159,7 @@ def zeros_attention_backward_op(
 
 
 @zeros_attention_backward_op.register_fake
-def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask,
+def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, is_causal, key_valid,
       use_triton):  # fmt: skip
     """Contiguous gradients, as the implementation returns (empty_like would keep q's strides)."""
     return [x.new_empty(x.shape) for x in (q, k, v, key_logits, gate_first, gate_residual)]
@@ -159,9 +167,9 @@ def _(grad_out, q, k, v, key_logits, gate_first, gate_residual, is_causal, key_p
 
 def _backward(ctx, grad_out):
     saved = ctx.saved_tensors
-    key_padding_mask = saved[6] if ctx.has_mask else None
+    key_valid = saved[6] if ctx.has_mask else None
     grads = zeros_attention_backward_op(
-        grad_out, *saved[:6], ctx.is_causal, key_padding_mask, ctx.use_triton
+        grad_out, *saved[:6], ctx.is_causal, key_valid, ctx.use_triton
     )
     return (*grads, None, None)
 
@@ -194,17 +202,25 @@ def zeros_attention(
     gate_residual: torch.Tensor,
     *,
     is_causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: object = None,
 ) -> torch.Tensor:
     """ZeroS zero-sum linear attention (docs/methods.md#zeros), before the layer's LayerNorm.
 
     q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) (any leading dims, equal for all three);
     key_logits: s (B, H, Nk); gate_first σ¹ and gate_residual σʰ: (B, H, Nq), already in [0, 1]
-    (each broadcast to its shape). q and k are L2-normalized inside. key_padding_mask: bool,
-    True = attend (SDPA's convention), broadcastable to (B, H, Nk); masked keys leave every sum
-    and the count n_t. is_causal: query t uses keys i ≤ t (needs Nq = Nk). Returns
-    (B, H, Nq, dv) in q's dtype; a query with no key gets 0. O(N·d·dv) time, O(d·dv) state.
+    (each broadcast to its shape). q and k are L2-normalized inside. attn_mask: the keys each
+    query may use, in SDPA's convention: bool, True = attend. ZeroS's weights depend on the key
+    alone, so the mask is per key: (B, Nk) (the layout of nn.MultiheadAttention's and Hugging
+    Face's padding masks), or a shape SDPA broadcasts to (B, H, Nq, Nk) with a query axis of 1:
+    (B, 1, 1, Nk), (B, H, 1, Nk), (Nk,). Masked keys leave every sum and the count n_t.
+    is_causal: query t uses keys i ≤ t (needs Nq = Nk). Returns (B, H, Nq, dv) in q's dtype; a
+    query with no key gets 0. O(N·d·dv) time, O(d·dv) state.
+
+    key_padding_mask is refused (`refuse_key_padding_mask`): torch reads that name with
+    True = ignore.
     """
+    refuse_key_padding_mask("zeros_attention", key_padding_mask)
     for name, x in (("q", q), ("k", k), ("v", v), ("key_logits", key_logits),
                     ("gate_first", gate_first), ("gate_residual", gate_residual)):  # fmt: skip
         _check_float(name, x)
@@ -234,24 +250,57 @@ def zeros_attention(
     key_logits = _broadcast("key_logits", key_logits, (*batch, n_keys), "one logit per key")
     gate_first = _broadcast("gate_first", gate_first, (*batch, n_queries), "one per query")
     gate_residual = _broadcast("gate_residual", gate_residual, (*batch, n_queries), "one per query")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise UnsupportedInputError(
-                f"key_padding_mask must be a bool tensor or None, got "
-                f"{type(key_padding_mask).__name__}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise UnsupportedInputError(
-                f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}; "
-                "for an additive mask pass `mask > torch.finfo(mask.dtype).min`"
-            )
-        if key_padding_mask.device != q.device:
-            raise UnsupportedInputError(
-                f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}"
-            )
-        key_padding_mask = _broadcast(
-            "key_padding_mask", key_padding_mask, (*batch, n_keys), "one per key"
-        )
-    return zeros_attention_op(
-        q, k, v, key_logits, gate_first, gate_residual, is_causal, key_padding_mask
+    key_valid = None if attn_mask is None else _key_valid(attn_mask, q, batch, n_keys)
+    return zeros_attention_op(q, k, v, key_logits, gate_first, gate_residual, is_causal, key_valid)
+
+
+def refuse_key_padding_mask(function: str, key_padding_mask: object) -> None:
+    """Raise for a `key_padding_mask=` argument: torch's nn.MultiheadAttention reads a mask of
+    that name with True = ignore, the ZeroS functions take SDPA's attn_mask (True = attend),
+    and an inverted mask would run without an error."""
+    if key_padding_mask is None:
+        return
+    raise UnsupportedInputError(
+        f"{function} takes attn_mask, in SDPA's convention (bool, True = attend; a (B, Nk) "
+        "mask is per batch element and key), not key_padding_mask: nn.MultiheadAttention reads "
+        "key_padding_mask with True = ignore. For such a mask pass attn_mask=~key_padding_mask; "
+        "for one that is True at the keys to attend, attn_mask=key_padding_mask."
     )
+
+
+def _key_valid(
+    attn_mask: torch.Tensor, q: torch.Tensor, batch: tuple[int, ...], n_keys: int
+) -> torch.Tensor:
+    """`zeros_attention`'s attn_mask as the op's key_valid (*batch, Nk), or an error naming the
+    problem and the fix. A 2-D mask is (B, Nk) where q has batch dims; any other is read as
+    SDPA reads it, and must have a query axis of 1."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise UnsupportedInputError(
+            f"attn_mask must be a bool tensor or None, got {type(attn_mask).__name__}"
+        )
+    if attn_mask.dtype != torch.bool:
+        raise UnsupportedInputError(
+            f"attn_mask must be bool (True = attend), got {attn_mask.dtype}; for an additive mask "
+            "pass `mask > torch.finfo(mask.dtype).min` (and add a finite bias to key_logits)"
+        )
+    if attn_mask.device != q.device:
+        raise UnsupportedInputError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    shape = tuple(attn_mask.shape)
+    target = (*batch, n_keys)
+    if attn_mask.dim() == 2 and batch:  # (B, Nk): B against q's first dim
+        keys = attn_mask.reshape(shape[0], *([1] * (len(batch) - 1)), shape[1])
+    elif attn_mask.dim() >= 2 and shape[-2] != 1:
+        raise UnsupportedInputError(
+            f"attn_mask of shape {shape} has a query axis of {shape[-2]}: ZeroS's weights depend "
+            "on the key alone, so it takes a mask per key, (B, Nk) or (B, 1, 1, Nk); for a "
+            "causal mask pass is_causal=True"
+        )
+    else:
+        keys = attn_mask.squeeze(-2) if attn_mask.dim() >= 2 else attn_mask
+    try:
+        return keys.broadcast_to(target)
+    except RuntimeError:
+        raise UnsupportedInputError(
+            f"attn_mask of shape {shape} does not broadcast to one per key of {target}: pass "
+            f"(B, Nk) = ({batch[0] if batch else 1}, {n_keys}) or (B, 1, 1, Nk)"
+        ) from None

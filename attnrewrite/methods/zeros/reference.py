@@ -27,15 +27,15 @@ def allowed_keys(
     n_queries: int,
     n_keys: int,
     is_causal: bool,
-    key_padding_mask: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor:
     """Bool (..., Nq, Nk): key i is in S_t. Causal means i ≤ t (SDPA's top-left alignment)."""
     allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device)
     if is_causal:
         allowed = allowed.tril()
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[..., None, :]
+    if key_valid is not None:
+        allowed = allowed & key_valid[..., None, :]
     return allowed
 
 
@@ -48,18 +48,19 @@ def zeros_attention_reference(
     gate_residual: torch.Tensor,
     *,
     is_causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ZeroS attention of q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv); statistics in fp32.
 
     key_logits: s (..., Nk); gate_first: σ¹ (..., Nq); gate_residual: σʰ (..., Nq).
-    key_padding_mask: bool broadcastable to (..., Nk), True = attend (None: every key).
+    key_valid: bool broadcastable to (..., Nk), True at the keys queries may use (None: every
+    key).
     """
     stats = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics for fp16/bf16
     q_hat = F.normalize(q.to(stats), dim=-1, eps=NORM_EPS)
     k_hat = F.normalize(k.to(stats), dim=-1, eps=NORM_EPS)
     cos_theta = q_hat @ k_hat.transpose(-2, -1)
-    in_s = allowed_keys(q.shape[-2], k.shape[-2], is_causal, key_padding_mask, q.device)
+    in_s = allowed_keys(q.shape[-2], k.shape[-2], is_causal, key_valid, q.device)
     in_s = in_s.expand(cos_theta.shape)
 
     s = key_logits.to(stats)[..., None, :].expand(cos_theta.shape)
