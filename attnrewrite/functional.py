@@ -91,8 +91,11 @@ def check_attention_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tens
         )
     target = (*q.shape[:-1], k.shape[-2])
     try:
-        torch.broadcast_shapes(attn_mask.shape, target)
+        # SDPA broadcasts the mask to the attention shape, never the attention to the mask's
+        fits = torch.broadcast_shapes(attn_mask.shape, target) == target
     except RuntimeError:
+        fits = False
+    if not fits:
         raise UnsupportedInputError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
             f"attention shape {target} (..., Nq, Nk); a key-padding mask is (B, 1, 1, Nk)"

@@ -149,6 +149,8 @@ INPUT_ERRORS = [
      r"attn_mask must be bool \(True = attend\) or torch\.float32 \(additive\)"),
     ("mask of the wrong shape", lambda q, k, v: ((q, k, v, _mask(shape=(3, 5))), {}),
      r"attn_mask of shape \(3, 5\) does not broadcast .*\(B, 1, 1, Nk\)"),
+    ("mask with more dims than q", lambda q, k, v: ((q, k, v, _mask(shape=(1, 1, 2, 16, 16))), {}),
+     r"attn_mask of shape \(1, 1, 2, 16, 16\) does not broadcast to the attention shape"),
     ("a list for the mask", lambda q, k, v: ((q, k, v, [[True] * 16]), {}),
      "attn_mask must be a torch.Tensor or None, got list"),
     ("head dims differ", lambda q, k, v: ((q, k[..., :4], v), {}), r"head dims differ \(8 vs 4\)"),
