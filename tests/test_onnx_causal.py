@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -132,3 +133,54 @@ def test_a_causal_mask_computed_from_shapes_is_found_causal(tmp_path):
     assert (replaced.status, replaced.mask) == ("replaced", "causal_key")
     assert replaced.options["num_steps"] == 1
     assert leak(monarch, inputs("is_causal")) == 0.0
+
+
+def hand_written_model(path, window: int | None) -> None:
+    """softmax(Q Kᵀ + mask) V as another exporter might write it, with a mask built from
+    Shape(q, start=2, end=3): causal, or a band of `window` keys (j in (i - window, i])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node
+    ones = numpy_helper.from_array(np.ones(1, np.float32))
+    nodes = [
+        node("Shape", ["q"], ["n"], start=2, end=3),
+        node("Concat", ["n", "n"], ["square"], axis=0),
+        node("ConstantOfShape", ["square"], ["ones"], value=ones),
+        node("Trilu", ["ones"], ["lower"], upper=0),
+        node("Trilu", ["lower", "offset"], ["band"], upper=1),
+        node("Equal", ["lower" if window is None else "band", "zero"], ["hidden"]),
+        node("Where", ["hidden", "minus_inf", "zero"], ["mask"]),
+        node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+        node("MatMul", ["q", "k_t"], ["scores"]),
+        node("Add", ["scores", "mask"], ["masked"]),
+        node("Softmax", ["masked"], ["weights"], axis=-1),
+        node("MatMul", ["weights", "v"], ["out"]),
+    ]
+    constants = {"zero": 0.0, "minus_inf": -np.inf, "offset": 1 - (window or 1)}
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        *(
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, "n", 8]) for x in names]
+            for names in (("q", "k", "v"), ("out",))
+        ),
+        [
+            numpy_helper.from_array(np.array(x, np.int64 if name == "offset" else np.float32), name)
+            for name, x in constants.items()
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.parametrize(
+    ("window", "mask", "reason"),
+    [(None, "causal_key", "causal attention"), (4, "general", "varies between queries")],
+)
+def test_masks_computed_from_shapes_are_judged_as_rewrite_judges_them(
+    window, mask, reason, tmp_path
+):
+    plain = tmp_path / "plain.onnx"
+    hand_written_model(plain, window)
+    (site,) = rewrite_onnx(plain, tmp_path / "hsa.onnx", method="hsa").sites
+    assert (site.status, site.mask) == ("kept", mask)
+    assert reason in site.reason

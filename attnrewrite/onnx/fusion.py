@@ -159,13 +159,13 @@ def _sample_shape(node: ir.Node) -> list[int] | None:
     if None in dims:
         return None
     dims = [d if isinstance(d, int) else PROBE_LENGTH for d in dims]
-    start, end = node.attributes.get("start"), node.attributes.get("end")
-    return dims[slice(start and start.value, end and end.value)]
+    start, end = (node.attributes.get(name) for name in ("start", "end"))
+    return dims[slice(*(None if a is None else a.value for a in (start, end)))]
 
 
 def _mask_kind(value: np.ndarray) -> MaskKind | None:
-    """ "causal_key" for a causal mask (with key padding), "general" for one whose rows differ
-    otherwise, None when its rows are equal (at one length that proves nothing: "full")."""
+    """The kind of an evaluated mask: "causal_key" (causal, with any key padding), "general"
+    (rows differ otherwise), or None (rows equal: at one length that proves nothing, "full")."""
     if value.ndim < 2 or value.dtype.kind not in "bf":
         return None
     tensor = torch.from_numpy(value)
