@@ -1,5 +1,7 @@
 """attnrewrite: find softmax attention in any PyTorch model and swap it for a faster operator."""
 
+# ruff: noqa: E402 (the imports below need __path__ extended first)
+
 from pathlib import Path as _Path
 
 # `passes/` and `kernels/` sit at the repository root and are installed as attnrewrite.passes and
@@ -9,7 +11,10 @@ from pathlib import Path as _Path
 # attnrewrite/; in an editable install (whose finder cannot resolve namespace subpackages) they
 # are found beside this folder.
 _source_root = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "kernels").is_dir() and (_source_root / "pyproject.toml").is_file():
+if (
+    not (_Path(__file__).parent / "kernels").is_dir()
+    and (_source_root / "pyproject.toml").is_file()
+):
     __path__.append(str(_source_root))
 
 from . import nn
@@ -23,6 +28,17 @@ from .methods.zeros import zeros_attention
 from .policy import Select
 from .report import Report
 from .site import AttentionSite
+
+
+def __getattr__(name: str) -> object:
+    """`export_onnx`, imported on first use: onnx and onnxscript load only when it is used, so
+    `import attnrewrite` stays light."""
+    if name == "export_onnx":
+        from .onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",
@@ -38,6 +54,7 @@ __all__ = [
     "attention",
     "capture",
     "distill",
+    "export_onnx",
     "get_method",
     "nn",
     "register_method",

@@ -19,9 +19,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
-
 from .errors import AttnRewriteError, OptionError
 from .methods import METHODS
 from .onnx.lowerings import METHOD_SPECS
@@ -124,10 +121,15 @@ def _rewrite(args: argparse.Namespace, destination: Path) -> Any:
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    report = _rewrite(args, args.output)
+    """Rewrite; the model and the JSON report appear only once both are written."""
+    from .onnx.files import staged
+
+    with staged(args.output) as written:
+        report = _rewrite(args, written)
+        if args.json:
+            with staged(args.json) as report_file:
+                report_file.write_text(report.to_json())
     print(report)
-    if args.json:
-        Path(args.json).write_text(report.to_json())
     print(f"wrote {args.output}")
     return EXIT_OK
 
@@ -212,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             why = "is a directory" if path.is_dir() else "does not exist"
             print(f"attnrewrite: error: {path} {why}; give an .onnx file", file=sys.stderr)
             return EXIT_USAGE
+    for name in ("output", "json"):  # checked before any work, as a file is written last
+        path = getattr(args, name, None)
+        if isinstance(path, (str, Path)) and Path(path).is_dir():
+            print(f"attnrewrite: error: {path} is a directory; give a file path", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return args.run(args)
     except (OptionError, ValueError) as error:
         print(f"attnrewrite: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DecodeError, InvalidProtobuf) as error:  # onnx / onnxruntime read a non-model
-        print(f"attnrewrite: error: not an ONNX model ({error})", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # e.g. an output path that cannot be written
         print(f"attnrewrite: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import onnx
 import pytest
 import torch
 
@@ -24,10 +25,7 @@ class Attention(torch.nn.Module):
         return torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, dim=-1) @ v
 
 
-@pytest.fixture(scope="module")
-def small_onnx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "small.onnx"
-    seq = torch.export.Dim("seq", min=2, max=256)
+def export(path, dynamic_shapes=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -35,10 +33,21 @@ def small_onnx(tmp_path_factory):
             (torch.randn(1, 24, 16),),
             path,
             dynamo=True,
-            dynamic_shapes=({1: seq},),
+            dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
     return path
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    seq = torch.export.Dim("seq", min=2, max=256)
+    return export(tmp_path_factory.mktemp("cli") / "small.onnx", ({1: seq},))
+
+
+@pytest.fixture(scope="module")
+def static_onnx(tmp_path_factory):
+    return export(tmp_path_factory.mktemp("cli") / "static.onnx")
 
 
 @pytest.mark.slow
@@ -104,10 +113,10 @@ def test_unreadable_inputs_and_outputs_exit_2_with_a_message(small_onnx, tmp_pat
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a model")
     cases = [
-        (["onnx", str(corrupt), str(tmp_path / "o.onnx")], "not an ONNX model"),
+        (["onnx", str(corrupt), str(tmp_path / "o.onnx")], "is not a valid ONNX model"),
         (["onnx", str(tmp_path), str(tmp_path / "o.onnx")], "is a directory"),
-        (["onnx", str(small_onnx), str(tmp_path)], "Is a directory"),
-        (["bench", str(corrupt), str(small_onnx)], "not an ONNX model"),
+        (["onnx", str(small_onnx), str(tmp_path)], "is a directory; give a file path"),
+        (["bench", str(corrupt), str(small_onnx)], "is not a valid ONNX model"),
     ]
     for argv, message in cases:
         assert main(argv) == EXIT_USAGE, argv
@@ -127,3 +136,57 @@ def test_tuple_options_and_layer_lists_parse(small_onnx, tmp_path, capsys):
             main(["onnx", str(small_onnx), str(out), *bad])
         assert exit_code.value.code == EXIT_USAGE
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", onnx.ModelProto(ir_version=8).SerializeToString(), b"\x3a\x00"],
+    ids=["0 bytes", "ir_version only", "empty graph field"],
+)
+def test_a_file_that_is_no_valid_model_exits_2_and_writes_nothing(content, tmp_path, capsys):
+    """An empty or minimal protobuf parses as a model without a graph: it is refused up front
+    with the fix, not rewritten into an output file that onnx.checker then rejects."""
+    model = tmp_path / "in.onnx"
+    model.write_bytes(content)
+    for argv in (["onnx", str(model), str(tmp_path / "out.onnx")], ["report", str(model)]):
+        assert main(argv) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "is not a valid ONNX model" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [model]  # no output, no temporary file
+
+
+@pytest.mark.slow
+def test_a_failure_after_the_rewrite_leaves_no_output(small_onnx, tmp_path, capsys):
+    out, report_json = tmp_path / "out.onnx", tmp_path / "missing" / "report.json"
+    argv = ["onnx", str(small_onnx), str(out), "--block-size", "4", "--json", str(report_json)]
+    assert main(argv) == EXIT_USAGE
+    assert "No such file or directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "bench needs dynamic batch and length axes"),
+        (["--batch", "2"], "dim 0 of x is fixed at 1, not batch 2"),
+    ],
+)
+def test_bench_of_a_static_shape_model_exits_2(extra, message, static_onnx, small_onnx, capsys):
+    """Every length would otherwise be timed at the one shape the model fixes."""
+    argv = ["bench", str(static_onnx), str(small_onnx), "--seq-lens", "16", "32", *extra]
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "dynamic_shapes=" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--repeats", "0"], "repeats must be an int ≥ 1 (the timed runs whose median"),
+        (["--batch", "0"], "batch must be an int ≥ 1"),
+        (["--seq-lens", "0"], "each sequence length must be an int ≥ 1"),
+    ],
+)
+def test_bench_counts_below_1_exit_2_with_the_reason(option, message, small_onnx, capsys):
+    assert main(["bench", str(small_onnx), str(small_onnx), *option]) == EXIT_USAGE
+    assert message in capsys.readouterr().err

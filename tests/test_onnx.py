@@ -91,7 +91,9 @@ def test_sdpa_export_of_a_causal_decoder(tmp_path):
     with pytest.raises(OptionError, match="needs method"):
         export_onnx(model, (), tmp_path / "x.onnx", example_kwargs=causal)
     out = export_onnx(rewritten, (), tmp_path / "gpt2_causal.onnx", example_kwargs=causal)
-    assert out.max_error <= 1e-4 and out.report is rewritten.report
+    # a copy of its report (the block sizes the functions are fixed at; static here: the same)
+    assert out.max_error <= 1e-4 and out.report == rewritten.report
+    assert out.report is not rewritten.report
     assert len(out.report.replaced) == entry.causal_layers
     monarch = torch.ops.attnrewrite.monarch_attention.default
     calls = [n for n in rewritten.module.graph.nodes if n.target is monarch]

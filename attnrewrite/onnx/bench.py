@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import UnsupportedInputError
+from ..methods.base import check_int_option
+from .files import check_input
+
 
 def _feed(session: Any, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, Any]:
     """Inputs for every model input: dim 0 is the batch, other dynamic dims the length.
@@ -29,6 +33,27 @@ def _feed(session: Any, batch: int, seq_len: int, rng: np.random.Generator) -> d
         else:
             feed[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
+
+
+def _check_dynamic_axes(session: Any, path: str | Path, batch: int) -> None:
+    """Raise unless the model takes every batch and length bench feeds it: dim 0 of each input
+    is the batch (dynamic, or fixed at `batch`) and some other dim is dynamic (the length).
+    Otherwise every length would be timed at the one shape the model fixes, or fail."""
+    inputs = {spec.name: list(spec.shape) for spec in session.get_inputs()}
+    problems = [
+        f"dim 0 of {name} is fixed at {shape[0]}, not batch {batch}"
+        for name, shape in inputs.items()
+        if shape and isinstance(shape[0], int) and shape[0] != batch
+    ]
+    if all(isinstance(d, int) for shape in inputs.values() for d in shape[1:]):
+        problems.append("no input has a dynamic dim besides dim 0 for the sequence length")
+    if problems:
+        shapes = ", ".join(f"{name} {shape}" for name, shape in inputs.items())
+        raise UnsupportedInputError(
+            f"bench needs dynamic batch and length axes: in {path}, {'; '.join(problems)} "
+            f"(inputs: {shapes}). Export the model with them: torch.onnx.export(..., "
+            "dynamic_shapes=...) or dynamic_axes=..."
+        )
 
 
 def median_latencies_ms(sessions: list[Any], feed: dict[str, Any], repeats: int) -> list[float]:
@@ -56,8 +81,15 @@ def compare_latency(
     progress: bool = False,
 ) -> list[dict[str, float]]:
     """Median latency of both models at each length, measured in alternating rounds in one
-    process."""
+    process. Both models need a dynamic batch (dim 0) and length axis."""
     import onnxruntime
+
+    check_int_option("repeats", repeats, 1, "an int ≥ 1 (the timed runs whose median is reported)")
+    check_int_option("batch", batch, 1, "an int ≥ 1")
+    for seq_len in seq_lens:
+        check_int_option("each sequence length", seq_len, 1, "an int ≥ 1")
+    for path in (original, rewritten):
+        check_input(path)
 
     options = onnxruntime.SessionOptions()
     if threads:
@@ -70,6 +102,8 @@ def compare_latency(
         onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
         for p in (original, rewritten)
     ]
+    for session, path in zip(sessions, (original, rewritten), strict=True):
+        _check_dynamic_axes(session, path, batch)
     rng = np.random.default_rng(0)
     rows = []
     for seq_len in tqdm(seq_lens, desc="onnxruntime latency", disable=not progress):

@@ -22,6 +22,7 @@ from ..methods.monarch.reference import default_block_size
 from ..passes.graph_utils import shape_of
 from ..passes.substitute import Policy
 from ..report import Report
+from .files import check_output, staged
 from .functions import DOMAIN, MIN_OPSET, FunctionSpec, quiet_exporter
 from .lowerings import LOWERINGS
 
@@ -47,6 +48,12 @@ def _auto_block_sizes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.target is target and n.kwargs.get("block_size") is None]
 
 
+def _static_block_size(length: Any) -> int:
+    """The block size an ONNX function is fixed at for a site `length` long (symbolic: the
+    example's length)."""
+    return default_block_size(optimization_hint(length))
+
+
 def _with_static_block_sizes(gm: torch.fx.GraphModule, in_place: bool) -> torch.fx.GraphModule:
     """ONNX functions need a static Monarch block size: "auto" resolved from the example length,
     in `gm` or, when it is the caller's module (in_place False), in a copy."""
@@ -55,10 +62,21 @@ def _with_static_block_sizes(gm: torch.fx.GraphModule, in_place: bool) -> torch.
     if not in_place:
         gm = copy.deepcopy(gm)
     for node in _auto_block_sizes(gm):
-        n = shape_of(node.args[0])[-2]
-        node.update_kwarg("block_size", default_block_size(optimization_hint(n)))
+        node.update_kwarg("block_size", _static_block_size(shape_of(node.args[0])[-2]))
     gm.recompile()
     return gm
+
+
+def _report_as_exported(report: Report) -> Report:
+    """A copy of `report` (the caller's stays as it is) whose Monarch sites show the block size
+    their functions are fixed at where the rewrite left it to the run-time length."""
+    sites = []
+    for site in report.sites:
+        options = dict(site.options)
+        if site.method == "monarch" and site.status == "replaced" and options["block_size"] is None:
+            options["block_size"] = _static_block_size(site.q_len)
+        sites.append(dataclasses.replace(site, options=options))
+    return Report(report.method, sites)
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
@@ -105,11 +123,13 @@ def export_onnx(
     (onnxruntime inlines it; no custom op library). Afterwards the file passes
     `onnx.checker.check_model(full_check=True)` and onnxruntime's outputs on the example inputs
     are compared with the rewritten PyTorch module's: past `tolerance` it raises
-    OnnxValidationError. `dynamic_shapes` follows torch.export (e.g. batch and sequence dims).
+    OnnxValidationError, and `path` is written only once both checks pass. `dynamic_shapes`
+    follows torch.export (e.g. batch and sequence dims). The report shows the options the
+    functions run with (e.g. the Monarch block size resolved from the example length).
 
     `model` may be a `RewriteResult` (e.g. distilled with `attnrewrite.distill`): its module is
-    exported as it is, unchanged, and its report returned; method, policy and options belong to
-    the rewrite() that made it. Rewrite it with the dynamic shapes you export with.
+    exported as it is, unchanged, and a copy of its report returned; method, policy and options
+    belong to the rewrite() that made it. Rewrite it with the dynamic shapes you export with.
     """
     if opset is not None and opset < MIN_OPSET:
         raise OptionError(
@@ -170,16 +190,17 @@ def export_onnx(
     proto = program.model_proto
     _add_functions(proto, specs.values())
     path = Path(path)
-    onnx.save(proto, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    error = onnxruntime_error(path, module, example_inputs, kwargs)
+    with staged(path) as written:
+        onnx.save(proto, written)
+        check_output(written)
+        error = onnxruntime_error(written, module, example_inputs, kwargs)
+        if not error <= tolerance:
+            raise OnnxValidationError(
+                f"onnxruntime differs from the rewritten PyTorch model by {error:.3g} > "
+                f"{tolerance} on the example inputs (nothing written to {path})"
+            )
     log.info("exported %s: onnxruntime max abs error %.3g", path, error)
-    if not error <= tolerance:
-        raise OnnxValidationError(
-            f"onnxruntime differs from the rewritten PyTorch model by {error:.3g} > {tolerance} "
-            f"on the example inputs ({path})"
-        )
-    return OnnxExport(path, result.report, error, sorted(specs))
+    return OnnxExport(path, _report_as_exported(result.report), error, sorted(specs))
 
 
 def _add_functions(model: onnx.ModelProto, specs: Iterable[FunctionSpec]) -> None:

@@ -12,7 +12,9 @@ Recognized:
   opset 23): 4-D or 3-D (with q_num_heads/kv_num_heads) inputs, grouped heads, bool or float
   masks, is_causal, scale. A KV cache, softcap, or any output but Y keeps the site.
 What does not match, or fails a precondition, is kept and reported, as is every Softmax or
-Attention node no rule took.
+Attention node no rule took. A mask computed from shapes alone (torch.onnx's causal mask below
+opset 23) is evaluated and classified as `rewrite()` classifies masks on the example inputs, so a
+method keeps the sites it keeps there (HSA: causal ones).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.inliner
+import onnx.reference
 import onnx_ir as ir
 import onnx_ir.traversal
+import torch
 from onnx import version_converter
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
@@ -34,11 +38,13 @@ from onnxscript.rewriter._basics import MatchFailureError
 
 from ..errors import OptionError, UnsupportedInputError
 from ..methods import get_method
+from ..methods.masks import site_mask_terms
 from ..passes.graph_utils import layer_index
 from ..passes.substitute import Policy
 from ..report import Report
-from ..site import AttentionSite
+from ..site import AttentionSite, MaskKind
 from .export import _add_functions
+from .files import check_input, check_output, staged
 from .functions import DOMAIN, MIN_OPSET, FunctionSpec, TensorLayout
 from .lowerings import METHOD_SPECS
 
@@ -77,6 +83,99 @@ def _describe_mask(site: AttentionSite, mask: ir.Value | None) -> None:
         site.mask = "key" if len(mask.shape) < 2 or mask.shape[-2] == 1 else "full"
 
 
+#: The size every dynamic dim takes when a mask computed from shapes alone is evaluated.
+PROBE_LENGTH = 24
+
+
+class _ShapeOnlyMasks:
+    """The kind of each (…, N, N) mask that depends on no input's values (torch.onnx's causal
+    mask: Shape → Expand → Trilu → Where, or a folded constant): evaluated with every dynamic dim
+    PROBE_LENGTH long and classified as `api.probe_masks` classifies a mask on the example
+    inputs. None for a mask computed from values (e.g. from a padding mask input; the functions
+    decide it at run time) or one that cannot be evaluated."""
+
+    def __init__(self, opset_imports: dict[str, int]) -> None:
+        self.opset_imports = opset_imports
+        self.kinds: dict[ir.Value, MaskKind | None] = {}
+
+    def __call__(self, mask: ir.Value) -> MaskKind | None:
+        if mask not in self.kinds:
+            value = self._evaluate(mask)
+            self.kinds[mask] = None if value is None else _mask_kind(value)
+        return self.kinds[mask]
+
+    def _evaluate(self, mask: ir.Value) -> np.ndarray | None:
+        leaves: dict[str, np.ndarray] = {}
+        nodes: dict[ir.Node, None] = {}  # in post-order: each after the nodes of its inputs
+        visited: set[ir.Value] = set()
+        stack: list[tuple[ir.Value, bool]] = [(mask, False)]
+        while stack:
+            value, inputs_done = stack.pop()
+            node = value.producer()
+            if inputs_done:
+                nodes.setdefault(node)
+                continue
+            if value in visited:
+                continue
+            visited.add(value)
+            if value.const_value is not None:
+                leaves[value.name] = np.asarray(value.const_value.numpy())
+            elif node is None:  # a graph input whose values the mask uses
+                return None
+            elif node.domain == "" and node.op_type == "Shape":
+                dims = _sample_shape(node)
+                if dims is None:
+                    return None
+                leaves[value.name] = np.asarray(dims, dtype=np.int64)
+            elif any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                     for a in node.attributes.values()):  # fmt: skip
+                return None
+            else:
+                stack.append((value, True))
+                stack.extend((x, False) for x in node.inputs if x is not None)
+        imports = [onnx.helper.make_opsetid(d, v) for d, v in self.opset_imports.items()]
+        try:
+            graph = onnx.helper.make_graph(
+                [ir.serde.serialize_node(node) for node in nodes],
+                "mask",
+                [],
+                [onnx.helper.make_empty_tensor_value_info(mask.name)],
+                [onnx.numpy_helper.from_array(array, name) for name, array in leaves.items()],
+            )
+            model = onnx.helper.make_model(graph, opset_imports=imports)
+            (value,) = onnx.reference.ReferenceEvaluator(model).run(None, {})
+        except Exception:  # an op or dtype the evaluator lacks: the function decides at run time
+            return None
+        return np.array(value)
+
+
+def _sample_shape(node: ir.Node) -> list[int] | None:
+    """What a Shape node gives with every dynamic dim PROBE_LENGTH long (None: rank unknown, or
+    a dim neither static nor named)."""
+    shape = node.inputs[0].shape
+    if shape is None:
+        return None
+    dims = [_dim(d) for d in shape]
+    if None in dims:
+        return None
+    dims = [d if isinstance(d, int) else PROBE_LENGTH for d in dims]
+    start, end = (node.attributes.get(name) for name in ("start", "end"))
+    return dims[slice(*(None if a is None else a.value for a in (start, end)))]
+
+
+def _mask_kind(value: np.ndarray) -> MaskKind | None:
+    """The kind of an evaluated mask: "causal_key" (causal, with any key padding), "general"
+    (rows differ otherwise), or None (rows equal: at one length that proves nothing, "full")."""
+    if value.ndim < 2 or value.dtype.kind not in "bf":
+        return None
+    tensor = torch.from_numpy(value)
+    *batch, n_queries, n_keys = tensor.shape
+    terms = site_mask_terms(tensor, tuple(batch), n_queries, n_keys, torch.float32)
+    if terms is None:
+        return "general"
+    return "causal_key" if terms[2] else None
+
+
 class _MethodFunctionRule(pattern.RewriteRuleClassBase):
     """What every source pattern shares: judging a found site against the method, building the
     method's function for it, and reporting it, replaced or kept with the reason."""
@@ -89,10 +188,11 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
         specs: dict[str, FunctionSpec],
         judged: set[ir.Node],
         policy: Policy | None,
+        masks: _ShapeOnlyMasks,
     ) -> None:
         super().__init__(name=f"{type(self).__name__}To_{method}")
         self.method, self.options, self.report, self.specs = method, options, report, specs
-        self.judged, self.policy = judged, policy
+        self.judged, self.policy, self.masks = judged, policy, masks
         self._spec: FunctionSpec | None = None
         self._site: AttentionSite | None = None
 
@@ -111,10 +211,12 @@ class _MethodFunctionRule(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         method = get_method(self.method)
         parsed = method.parse_options(self.options)
+        if site.mask == "full" and mask is not None:
+            site.mask = self.masks(mask) or site.mask
         reason = self.policy(site) if self.policy is not None else None
         if not reason:
             _refuse_site_options(self.policy, site)
-        reason = reason or method.unsupported_reason(site, parsed)
+        reason = reason or method.keep_reason(site, parsed)
         if site.q_len is None or site.k_len is None:
             reason = "dynamic sequence lengths whose equality cannot be proven from the graph"
         if reason:
@@ -383,7 +485,8 @@ def rewrite_onnx(
     A model older than opset 18 is converted up to it first (onnx's version converter), as the
     functions need, and its model-local functions are inlined (but those of earlier rewrites),
     so attention inside them is found. The result is checked with
-    `onnx.checker.check_model(full_check=True)`.
+    `onnx.checker.check_model(full_check=True)`; `dst` is written only once it passes (a file
+    onnx.checker refuses as `src` raises UnsupportedInputError, and nothing is written).
     """
     get_method(method).parse_options(options)
     if method not in METHOD_SPECS:
@@ -391,14 +494,16 @@ def rewrite_onnx(
             f"method {method!r} has no ONNX function; ONNX rewriting supports "
             f"{', '.join(sorted(METHOD_SPECS))}"
         )
+    check_input(src)
     loaded = _inline_local_functions(_at_least_min_opset(onnx.load(str(src))))  # external data too
     model = ir.from_proto(_with_inferred_shapes(loaded))
     _check_onnx_policy(policy)
     report = Report(method=method)
     specs: dict[str, FunctionSpec] = {}
     judged: set[ir.Node] = set()
+    masks = _ShapeOnlyMasks(dict(model.opset_imports))
     rules = [
-        kind(method, options, report, specs, judged, policy)
+        kind(method, options, report, specs, judged, policy, masks)
         for kind in (SoftmaxAttention, AttentionOp)
     ]
     pattern.RewriteRuleSet([_rule(rule) for rule in rules]).apply_to_model(model)
@@ -406,8 +511,9 @@ def rewrite_onnx(
     _report_untaken(model, report, judged)
     proto = ir.to_proto(model)
     _add_functions(proto, specs.values())
-    onnx.save(proto, str(dst))
-    onnx.checker.check_model(str(dst), full_check=True)
+    with staged(dst) as written:
+        onnx.save(proto, str(written))
+        check_output(written)
     return report
 
 

@@ -361,7 +361,9 @@ def _monarch_for_site(q, k, v, mask, scale, seq_len, options, *, is_causal, enab
 
 
 def _hsa_for_site(q, k, v, mask, scale, seq_len, options, *, is_causal, enable_gqa):
-    return hsa_spec(q, k, v, mask, scale, options.branching, is_causal, enable_gqa)
+    """As a rewritten graph's op (fallback): a mask found causal at run time runs exact causal
+    attention, since HSA's causal form lets later tokens reach earlier rows."""
+    return hsa_spec(q, k, v, mask, scale, options.branching, is_causal, enable_gqa, fallback=True)
 
 
 #: method name → FunctionSpec from (q, k, v, mask, scale, sequence length, parsed options,
