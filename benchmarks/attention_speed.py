@@ -221,7 +221,7 @@ def main() -> None:
         "head_dim": HEAD_DIM,
         "batch": 1,
         # glibc's malloc returns large freed blocks to the OS and the next call page-faults
-        # them back in: allocator settings change CPU timings (README, Speed)
+        # them back in: allocator settings change CPU timings (docs/performance.md)
         "allocator_environment": {
             name: value
             for name, value in os.environ.items()

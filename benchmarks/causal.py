@@ -20,9 +20,8 @@ of each). Writes benchmarks/results/causal.json.
     python benchmarks/causal.py [--methods monarch hsa]
 
 This measure cannot see whether a variant is causal in the autoregressive sense (a row
-independent of later tokens): session 7 found HSA's variant, and Monarch's at T ≥ 2, leaking.
-Monarch's causal form now runs one step whatever num_steps says (its T = 2 settings repeat
-T = 1), and HSA is not offered for causal sites (its rows are kept as the record);
+independent of later tokens): HSA's variant, and Monarch's at T ≥ 2, are not. Monarch's
+causal form runs one step whatever num_steps says, and HSA is not offered for causal sites;
 tests/test_decoder_masks.py checks causality itself.
 """
 

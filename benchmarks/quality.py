@@ -7,7 +7,8 @@ several budgets (calibrated on the calibration texts, measured on the evaluation
 Metrics: mean cosine of the sentence embeddings (mean pooling, as sentence-transformers) vs the
 original model, nearest-neighbour agreement (does each evaluation text keep its nearest
 neighbour?), and the fraction of attention FLOPs saved. Writes
-benchmarks/results/quality.{json,png} and prints the full table and the summary the README shows.
+benchmarks/results/quality.{json,png} and prints the full table (docs/performance.md) and its
+summary (README).
 
 `--hsa-branchings` runs the branching sweep instead: every HSA branching given, plus Monarch
 (b = 16, T = 2) on the same texts, each one layer at a time, in all layers and in alternating
@@ -309,7 +310,7 @@ def replaced_layer(row: dict) -> Callable[[int], str]:
 
 
 def summary(rows: list[dict]) -> str:
-    """The README's table: the one-layer rows of a setting collapsed to best … worst (each
+    """The summary table: the one-layer rows of a setting collapsed to best … worst (each
     metric's own best and worst layer)."""
     lines = [
         "| N | method | setting | layers replaced | cosine | NN agreement "

@@ -112,8 +112,8 @@ def later_tokens_reach(attention, q, k, v) -> float:
 
 
 def test_causal_forms_never_see_later_tokens():
-    """Monarch at T = 2, 3 pooled later queries into the R rows earlier rows read (0.67 before);
-    its causal form now runs one step. HSA's tree aggregates pool later tokens of a group: a
+    """Monarch at T ≥ 2 would pool later queries into the R rows earlier rows read, so its
+    causal form runs one step. HSA's tree aggregates pool later tokens of a group: a
     direct call warns, a rewritten graph's op (fallback) runs exact causal attention, and
     rewrite keeps causal sites."""
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ def test_multihead_attention_under_torch_compile_is_replaced(grad, masked):
 @pytest.mark.parametrize(("norm_first", "activation"), [(False, "relu"), (True, "gelu")])
 def test_transformer_encoder_fast_path_is_opened(norm_first, activation):
     """Under no_grad, eval nn.TransformerEncoderLayer calls torch._transformer_encoder_layer_fwd
-    (before: 0 sites, silently); its composition gives the layer's output."""
+    (a call no matcher can look into); its composition gives the layer's output."""
     torch.manual_seed(0)
     model, x, padding = encoder(norm_first, activation), torch.randn(2, 40, E), padding_mask(2, 40)
     with torch.no_grad():  # (a src mask graph-breaks in Dynamo; test_native_... covers masks)
@@ -176,7 +176,7 @@ def test_returned_multihead_weights_keep_the_site():
 
 
 def test_symbolic_trace_leaf_modules_are_opened():
-    """symbolic_trace keeps torch.nn modules as leaves (call_module): before, 0 sites silently."""
+    """symbolic_trace keeps torch.nn modules as leaves (call_module): each is opened."""
 
     class Decoder(nn.Module):
         def __init__(self):

@@ -95,8 +95,8 @@ def compare_latency(
     if threads:
         options.intra_op_num_threads = threads
     # Each session has its own thread pool, which by default spins for a while after a run: the
-    # other session's next run would then share the cores with it (on 2 cores, Monarch at
-    # N = 4K measured 51 ms after an exact-attention run instead of 27, in an ad-hoc script).
+    # other session's next run would then share the cores with it (on 2 cores that doubled
+    # Monarch's time at N = 4K after an exact-attention run).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [
         onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])

@@ -36,8 +36,8 @@ j ≤ i. Rows of B still share the α's of their left-sibling blocks, so the par
 derivation above hold word for word with the sums over C restricted to C < B; the target is
 causal softmax. The DP is the same with the strictly upper triangle of every family masked.
 It is causal in its support only, not autoregressively: a node's a(B), P(A) and means pool all
-its tokens, later ones too, so a row depends on later tokens of its top-level group (session 7
-review: up to 0.35 on random inputs). Rewrites therefore keep causal sites (op.py).
+its tokens, later ones too, so a row depends on later tokens of its top-level group
+(tests/test_decoder_masks.py measures it). Rewrites therefore keep causal sites (op.py).
 
 Invalid tokens. An empty node (c_C = 0) has L(·, C) = −inf and a(C) = −inf, so it gets zero
 weight as a sibling and as a child; invalid queries are left out of the means and of a(A) but

@@ -45,8 +45,8 @@ def _chunk_elements(l2_bytes: int | None) -> int:
     """Score elements per chunk and thread: the largest power of two whose fp32 scores fit one
     core's L2 cache (2^17 where its size is unknown). Measured with an SDPA call before each
     Monarch call, as in benchmarks/attention_speed.py: on the 2 MiB L2 of benchmarks/results/,
-    2^19 runs N = 4K in 23.9 ms and 8K in 55.6 (2^18: 24.2, 66.6; 2^17: 25.2, 69.4); on the
-    1.25 MiB L2 of earlier sessions, 2^17 and 2^18 ran alike and 2^16 paid dispatch."""
+    2^19 runs N = 4K in 23.9 ms and 8K in 55.6 (2^18: 24.2, 66.6; 2^17: 25.2, 69.4); on a
+    1.25 MiB L2, 2^17 and 2^18 ran alike and 2^16 paid dispatch."""
     if not l2_bytes:
         return 1 << 17
     return 1 << max(15, min(20, (l2_bytes // 4).bit_length() - 1))
@@ -66,9 +66,9 @@ class Workspace:
     """Intermediate buffers of the CPU path, reused from one call to the next on one thread.
 
     glibc's malloc hands large freed blocks back to the OS, so every call would page-fault its
-    intermediates in anew: thousands of faults a call at N = 4K (counted ad hoc with
-    resource.getrusage), about a fifth of its time on the machine of benchmarks/results/
-    (benchmarks/attention_speed.py before and after; README, Speed). Each op call is one
+    intermediates in anew: thousands of faults a call at N = 4K (resource.getrusage), about a
+    fifth of its time on the machine of benchmarks/results/ (benchmarks/attention_speed.py with
+    and without; docs/performance.md). Each op call is one
     `begin()`; a buffer no call has taken for two calls is dropped, so what is held is what the
     last two calls used (a forward and a backward in training; about 2·g·N·d values a forward
     at T = 1). The caller never sees a buffer: outputs are fresh tensors.
@@ -370,7 +370,7 @@ class TorchStageOps:
     Both fold the first L-update's diagonal (`StageOps.attend`): no rowdot, and the bias added
     after the product, not copied into baddbmm's input. At N = 4K on the machine of
     benchmarks/results/ that was 5% of the chunked form's time and 11% of the ONNX function's
-    in onnxruntime (ad-hoc side-by-side runs; README, Speed).
+    in onnxruntime (side-by-side runs; docs/performance.md).
     """
 
     folds_diagonal = True
