@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import transfer
 from .api import RewriteResult, captured_from
 from .budget import Call, ChosenSites, capture_for, split_by_fit
 from .errors import AttnRewriteError
@@ -59,18 +60,29 @@ class DistillLog:
     losses: dict[str, list[float]]
     initial: dict[str, float]
     final: dict[str, float]
+    end_to_end_steps: int = 0
+    end_to_end_lr: float | None = None
+    output_losses: list[float] = dataclasses.field(default_factory=list)
+    """End to end: the relative squared error of the model's output at every step."""
+    output_initial: float | None = None
+    output_final: float | None = None
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(dataclasses.asdict(self), indent=indent)
 
     def __str__(self) -> str:
         mode = "layer by layer" if self.layerwise else "all sites at once"
-        lines = [f"distilled {len(self.final)} ZeroS site(s), {mode}, {self.steps} steps, "
+        lines = [f"distilled {len(self.final)} site(s), {mode}, {self.steps} steps, "
                  f"lr={self.lr}, seed={self.seed}, {self.seconds:.1f} s"]  # fmt: skip
         width = max((len(name) for name in self.final), default=4)
         lines.append(f"{'site'.ljust(width)}  initial MSE  final MSE")
         for name, final in self.final.items():
             lines.append(f"{name.ljust(width)}  {self.initial[name]:11.4g}  {final:9.4g}")
+        if self.output_initial is not None and self.output_final is not None:
+            lines.append(
+                f"end to end: {self.end_to_end_steps} steps, lr={self.end_to_end_lr}; relative "
+                f"output error {self.output_initial:.4g} → {self.output_final:.4g}"
+            )
         return "\n".join(lines)
 
 
@@ -205,7 +217,7 @@ def _non_finite(
         where, left = "", "as they were before this call"
     return AttnRewriteError(
         f"distill: calibration batch {batch} gives a non-finite {what} (NaN or inf) at the "
-        f"ZeroS site {site!r}{where}; the adapters are left {left}: drop or fix that batch if "
+        f"site {site!r}{where}; what trains is left {left}: drop or fix that batch if "
         "its inputs or the model's activations on it hold NaN or inf"
     )
 
@@ -366,41 +378,56 @@ def distill(
     module: torch.nn.Module | RewriteResult,
     calibration: Sequence[Batch],
     *,
-    steps: int,
-    lr: float,
+    steps: int | None = None,
+    lr: float | None = None,
+    end_to_end_steps: int | None = None,
+    end_to_end_lr: float = 1e-3,
+    rank: int = 8,
+    alpha: float = 16.0,
     seed: int = 0,
     layerwise: bool = False,
     progress: bool = True,
     initialize: bool = True,
 ) -> DistillLog:
-    """Train the ZeroS adapters of `module` (from rewrite(..., method="zeros")) in place so that
-    each replaced site reproduces the original attention output on `calibration`.
+    """Train the replaced sites of `module` (what `rewrite` returned, or its module) in place so
+    that it reproduces the original model on `calibration`; the defaults need no tuning.
+
+    Monarch and HSA sites (transfer.py): attention transfer for `steps` (default 100, Adam at
+    `lr`, default 5e-3) trains a per-channel gain on q and on v, a shift on v and rank-`rank`
+    LoRA updates of the q and k projections, each site against its exact attention output; then
+    `end_to_end_steps` (default 100, at `end_to_end_lr`) train LoRA on the q, k, v and output
+    projections against the original model's output. The updates are merged into the weights:
+    the result runs, compiles and exports like the rewritten module.
+
+    ZeroS sites: their adapters are fitted from data (`initialize`) then trained against each
+    site's exact output for `steps` (default 200; all sites at once, or `steps` per site with
+    `layerwise`) at `lr` (default 1e-2, for the adapters' few parameters); calibration batches
+    of shapes the module does not take run on the original model captured again at theirs.
 
     calibration: batches of model inputs, each a tuple of positional arguments, a dict of
-    keyword arguments, or a single tensor (keep evaluation data out of it), at any batch sizes
-    and lengths: a batch the module's captured graph does not take runs on the original model
-    captured again at its shapes, calling the same adapters. A NaN or inf (in a batch, or from a
-    diverging step) stops it with an error naming the batch and step, the adapters left as they
-    were before that step. steps: optimizer steps (all at once), or steps per site (layerwise).
-    lr: Adam's learning rate (1e-2 suits the adapters' few parameters). initialize: first set the
-    adapters from data (False continues training adapters distilled before). Returns the loss
-    log; the module is modified in place.
+    keyword arguments, or a single tensor (keep evaluation data out of it). A NaN or inf (in a
+    batch, or from a diverging step) stops it with an error naming the batch and step, what
+    trains left as it was before that step. Deterministic for a given `seed`. Returns the log.
     """
     if isinstance(module, RewriteResult):
         module = module.module
-    adapters = [(name, m) for name, m in module.named_modules() if isinstance(m, ZeroSAdapter)]
-    if not adapters:
-        raise AttnRewriteError(
-            "the module has no ZeroS adapters to distill: rewrite it first with "
-            "attnrewrite.rewrite(model, example_inputs, method='zeros')"
-        )
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise AttnRewriteError(f"steps must be an int ≥ 1, got {steps!r}")
-    if not lr > 0:
-        raise AttnRewriteError(f"lr must be positive, got {lr!r}")
     batches = list(calibration)
     if not batches:
         raise AttnRewriteError("calibration is empty: pass at least one batch of model inputs")
+    adapters = [(name, m) for name, m in module.named_modules() if isinstance(m, ZeroSAdapter)]
+    if not adapters:
+        return _distill_sites(module, [_as_call(b) for b in batches],
+                              _positive_int("steps", 100 if steps is None else steps,
+                                            minimum=0),
+                              _positive("lr", 5e-3 if lr is None else lr),
+                              _positive_int("end_to_end_steps",
+                                            100 if end_to_end_steps is None else end_to_end_steps,
+                                            minimum=0),
+                              _positive("end_to_end_lr", end_to_end_lr),
+                              _positive_int("rank", rank, minimum=0), alpha, seed,
+                              progress)  # fmt: skip
+    steps = _positive_int("steps", 200 if steps is None else steps)
+    lr = _positive("lr", 1e-2 if lr is None else lr)
     runs = _Runs(module, [_as_call(batch) for batch in batches])
 
     start = time.perf_counter()
@@ -429,6 +456,104 @@ def distill(
     return DistillLog(layerwise=layerwise, steps=steps, lr=lr, seed=seed,
                       seconds=time.perf_counter() - start, losses=losses, initial=initial,
                       final=final)  # fmt: skip
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise AttnRewriteError(f"{name} must be an int ≥ {minimum}, got {value!r}")
+    return value
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise AttnRewriteError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _distill_sites(
+    module: torch.nn.Module,
+    calls: list[Call],
+    steps: int,
+    lr: float,
+    end_to_end_steps: int,
+    end_to_end_lr: float,
+    rank: int,
+    alpha: float,
+    seed: int,
+    progress: bool,
+) -> DistillLog:
+    """Distill the method op calls of a rewritten graph (transfer.py)."""
+    if not isinstance(module, torch.fx.GraphModule) or not any(
+        node.op == "call_function" and node.target in transfer.method_ops()
+        for node in module.graph.nodes
+    ):
+        raise AttnRewriteError(
+            "the module has no replaced attention site to distill: pass what "
+            "attnrewrite.rewrite(model, example_inputs, method=...) returned"
+        )
+    per_batch: list[torch.fx.GraphModule] = [module] * len(calls)
+    _, refused = split_by_fit(module, calls)
+    if refused:
+        model = captured_from.get(module)
+        if model is None:
+            raise AttnRewriteError(
+                f"calibration batch {refused[0]} does not fit the shapes the module was captured "
+                "at, and the model it was captured from is unknown here: pass the module (or "
+                "RewriteResult) attnrewrite.rewrite returned, distill at the rewrite's example "
+                "shapes, or rewrite with dynamic_shapes=..."
+            )
+        for graph, indices in capture_for(model, calls, refused):
+            _check_same_state(graph, module, indices[0])
+            transfer.replace_as(graph, module, indices[0])
+            for index in indices:
+                per_batch[index] = graph
+
+    def run(index: int) -> Any:
+        args, kwargs = calls[index]
+        return per_batch[index](*args, **kwargs)
+
+    def check(losses, params, index: int, step: int) -> None:
+        for name, loss in losses:
+            if not _finite(loss):
+                raise _non_finite("loss", name, index, step)
+        if not all(p.grad is None or _finite(p.grad) for p in params):
+            raise _non_finite("gradient", losses[0][0], index, step)
+
+    def check_recorded(values, index: int) -> None:
+        for name, value in values:
+            if not _finite(value):
+                raise _non_finite("activation", name, index)
+
+    start = time.perf_counter()
+    # Set the flags rather than call eval(): modules from torch.export refuse eval()/train().
+    modules = list(module.modules())
+    training = {m: m.training for m in modules}
+    requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
+    for m in modules:
+        m.training = False
+    for p in module.parameters():
+        p.requires_grad_(False)
+    sites = transfer.install(module, rank, alpha, seed)
+    try:
+        distinct = list({id(g): g for g in per_batch}.values())
+        twins = [transfer.install(g, rank, alpha, seed, shared=sites) for g in distinct[1:]]
+        graphs = transfer.Graphs(per_batch, [sites, *twins])
+        log = transfer.run_stages(
+            graphs, run, len(calls), lambda n: _batch_order(len(calls), n, seed),
+            steps, lr, end_to_end_steps, end_to_end_lr, check, check_recorded, progress,
+        )  # fmt: skip
+    finally:
+        transfer.uninstall(module, sites)  # merges the updates, as trained before any error
+        for name, p in module.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        for m, flag in training.items():
+            m.training = flag
+    return DistillLog(layerwise=False, steps=steps, lr=lr, seed=seed,
+                      seconds=time.perf_counter() - start, losses=log.losses,
+                      initial=log.initial, final=log.final, end_to_end_steps=end_to_end_steps,
+                      end_to_end_lr=end_to_end_lr, output_losses=log.output_losses,
+                      output_initial=log.output_initial,
+                      output_final=log.output_final)  # fmt: skip
 
 
 def _initialize(runs: _Runs, adapters) -> None:
