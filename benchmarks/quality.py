@@ -95,8 +95,9 @@ PER_HEAD_BUDGETS = [0.1]  # a calibration run per head of every site that does n
 PER_LAYER_SETTING = 2  # index into each method's settings: the per-layer rows use it
 
 
-def docstrings(modules: list[str], count: int) -> list[str]:
-    """Long docstrings of standard-library modules and their public members, in a fixed order."""
+def docstrings(modules: list[str], count: int | None = None) -> list[str]:
+    """Long docstrings of standard-library modules and their public members, in a fixed order:
+    the first `count`, or all of them (None)."""
     texts = []
     for name in modules:
         module = importlib.import_module(name)
@@ -105,6 +106,8 @@ def docstrings(modules: list[str], count: int) -> list[str]:
             doc = getattr(member, "__doc__", None)
             if isinstance(doc, str) and len(doc) > 400 and " ".join(doc.split()) not in texts:
                 texts.append(" ".join(doc.split()))
+    if count is None:
+        return texts
     if len(texts) < count:
         raise RuntimeError(f"only {len(texts)} texts in {modules}, asked for {count}")
     return texts[:count]
