@@ -8,7 +8,8 @@ does for linear attention.
    output gain and bias) and LoRA updates of the q and k projections.
 2. End to end: LoRA on the q, k, v and output projections of every replaced site, trained on
    the relative squared error between the rewritten model's output and the original's (its first
-   floating-point output, e.g. the last hidden state; padding tokens do not count).
+   floating-point output, e.g. the last hidden state; padding tokens do not count), plus the
+   mean relative error of the sites' outputs against the original model's.
 
 Everything trained is an update of the linear projections around a site (lora.py), found from
 the graph, and merged into their weights at the end.
@@ -60,7 +61,8 @@ def weighted_mse(output: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 class SiteHook(torch.nn.Module):
     """Stands in for a site's op call while distilling. mode "method": the op; "exact": exact
     attention (the teacher); "record": exact attention, kept in `recorded`; "transfer": the op,
-    scored against `target` into `loss`, handing on `target`."""
+    scored against `target` into `loss`, handing on `target`; "compare": the op, its relative
+    error against `target` in `loss`."""
 
     def __init__(self, op: Any) -> None:
         super().__init__()
@@ -94,6 +96,10 @@ class SiteHook(torch.nn.Module):
             assert self.target is not None
             self.loss = weighted_mse(output, self.target, self.weights)
             return self.target
+        if self.mode == "compare":
+            assert self.target is not None
+            own = weighted_mse(self.target, torch.zeros_like(self.target), self.weights)
+            self.loss = weighted_mse(output, self.target, self.weights) / own.clamp_min(1e-12)
         return output
 
 
@@ -356,9 +362,14 @@ def run_stages(
         log.output_initial = output_loss()
         params = _trainable_only(sites, "end_to_end")
         optimizer = torch.optim.Adam(params, lr=end_to_end_lr)
-        graphs.set_mode("method", enabled=True)
+        graphs.set_mode("compare", enabled=True)
         for step, index in enumerate(order(end_to_end_steps), transfer_steps + 1):
+            for hook, target in zip(graphs.hooks(index), site_targets[index], strict=True):
+                hook.target = target
             loss = output_error(first_output(run(index)), output_targets[index], weights[index])
+            # every site's output against the original's: token-level signal at every layer,
+            # which a pooled output (an embedder's) alone lacks
+            loss = loss + torch.stack([h.loss for h in graphs.hooks(index)]).mean()
             optimizer.zero_grad()
             loss.backward()
             check([("output", loss)], params, index, step)
