@@ -877,7 +877,7 @@ def test_distillation_can_continue_without_reinitializing():
 def test_distillation_errors_name_the_fix():
     model = TinyModel(layers=1).eval()
     batches = calibration_batches(1)
-    with pytest.raises(attnrewrite.AttnRewriteError, match="method='zeros'"):
+    with pytest.raises(attnrewrite.AttnRewriteError, match="no replaced attention site to distill"):
         distill(model, batches, steps=1, lr=1e-2)
     rewritten = attnrewrite.rewrite(model, batches[0], method="zeros")
     with pytest.raises(attnrewrite.AttnRewriteError, match="calibration is empty"):
